@@ -1,0 +1,281 @@
+//! Per-request state shared by the edge (which owns the QUIC connection) and the upstream task
+//! (which owns the HTTP/2 stream). Both live on the same worker thread, so this is a plain
+//! `Rc<RefCell<_>>`: no locks, no atomics.
+//!
+//! Backpressure, end to end:
+//! - request body: the edge reads from QUIC only while fewer than [`REQUEST_BUFFER`] bytes are
+//!   queued here; unread data stays in quiche, whose flow control stops the client.
+//! - response body: the upstream task queues whatever HTTP/2 delivers, but the edge releases
+//!   HTTP/2 flow-control credit only for bytes QUIC accepted, so the backend can never be more
+//!   than one stream window ahead of the client.
+
+use bytes::Bytes;
+use http::HeaderMap;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+/// Most request-body bytes queued between the edge and the upstream per stream.
+pub const REQUEST_BUFFER: usize = 256 * 1024;
+
+/// Identifies a request stream on a worker: the edge's connection handle and the stream id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamKey {
+    pub conn: u64,
+    pub stream: u64,
+}
+
+/// Wakes the edge's event loop when upstream tasks have news for some streams.
+#[derive(Default)]
+pub struct Notifier {
+    ready: RefCell<Vec<StreamKey>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Notifier {
+    fn notify(&self, key: StreamKey) {
+        self.ready.borrow_mut().push(key);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Takes the streams with news (may hold duplicates; handling one twice is harmless).
+    pub fn drain(&self, into: &mut Vec<StreamKey>) {
+        into.append(&mut self.ready.borrow_mut());
+    }
+
+    /// Resolves once some stream has news.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.ready.borrow().is_empty() {
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+}
+
+/// How the upstream half of a request ended badly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The response had started: the client's stream must be reset with this HTTP/3 code,
+    /// never ended as if complete.
+    Reset(u64),
+}
+
+/// What the request-body pump gets next.
+pub enum RequestItem {
+    Chunk(Bytes),
+    /// The client finished its body, with optional trailers.
+    End(Option<HeaderMap>),
+    Cancelled,
+}
+
+/// The shared state of one proxied request.
+pub struct Exchange {
+    key: StreamKey,
+    notifier: Rc<Notifier>,
+    /// Set when the edge already has a notification pending for this stream.
+    notified: Cell<bool>,
+
+    // Client → upstream.
+    req_chunks: VecDeque<Bytes>,
+    req_buffered: usize,
+    req_end: Option<Option<HeaderMap>>,
+    req_end_taken: bool,
+    req_waker: Option<Waker>,
+    /// The edge stopped reading because the queue was full.
+    req_blocked: bool,
+    /// The upstream no longer wants the request body (it answered or reset the stream).
+    pub req_abandoned: bool,
+    /// The pump is done with the request body (sent it all, or gave up).
+    req_forwarded: bool,
+    forwarded_waker: Option<Waker>,
+
+    // Upstream → client.
+    pub resp_head: Option<http::response::Parts>,
+    pub resp_chunks: VecDeque<Bytes>,
+    pub resp_buffered: usize,
+    pub resp_end: bool,
+    pub resp_trailers: Option<HeaderMap>,
+    /// Credit to return to HTTP/2 as QUIC accepts response bytes (None for local responses).
+    pub resp_flow: Option<h2::FlowControl>,
+    pub failure: Option<Failure>,
+
+    /// The client went away: the upstream side must stop and reset its stream.
+    cancelled: bool,
+    cancel_wakers: Vec<Waker>,
+}
+
+pub type SharedExchange = Rc<RefCell<Exchange>>;
+
+impl Exchange {
+    pub fn new(key: StreamKey, notifier: Rc<Notifier>) -> SharedExchange {
+        Rc::new(RefCell::new(Exchange {
+            key,
+            notifier,
+            notified: Cell::new(false),
+            req_chunks: VecDeque::new(),
+            req_buffered: 0,
+            req_end: None,
+            req_end_taken: false,
+            req_waker: None,
+            req_blocked: false,
+            req_abandoned: false,
+            req_forwarded: false,
+            forwarded_waker: None,
+            resp_head: None,
+            resp_chunks: VecDeque::new(),
+            resp_buffered: 0,
+            resp_end: false,
+            resp_trailers: None,
+            resp_flow: None,
+            failure: None,
+            cancelled: false,
+            cancel_wakers: Vec::new(),
+        }))
+    }
+
+    // ----- edge side -----
+
+    /// Room left in the request queue; 0 means the edge must stop reading for now.
+    pub fn request_room(&mut self) -> usize {
+        let room = REQUEST_BUFFER.saturating_sub(self.req_buffered);
+        self.req_blocked = room == 0;
+        room
+    }
+
+    pub fn push_request_chunk(&mut self, chunk: Bytes) {
+        self.req_buffered += chunk.len();
+        self.req_chunks.push_back(chunk);
+        self.wake_pump();
+    }
+
+    pub fn finish_request(&mut self, trailers: Option<HeaderMap>) {
+        if self.req_end.is_none() {
+            self.req_end = Some(trailers);
+        }
+        self.wake_pump();
+    }
+
+    pub fn request_finished(&self) -> bool {
+        self.req_end.is_some()
+    }
+
+    /// The client went away or the edge gave up on the stream.
+    pub fn cancel(&mut self) {
+        self.cancelled = true;
+        self.wake_pump();
+        for w in self.cancel_wakers.drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Clears the pending-notification mark before the edge handles this stream.
+    pub fn take_notification(&self) {
+        self.notified.set(false);
+    }
+
+    fn wake_pump(&mut self) {
+        if let Some(w) = self.req_waker.take() {
+            w.wake();
+        }
+    }
+
+    // ----- upstream side -----
+
+    /// Tells the edge this stream has news (response data, failure, room for more body).
+    pub fn notify_edge(&self) {
+        if !self.notified.replace(true) {
+            self.notifier.notify(self.key);
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled
+    }
+
+    /// Resolves when the exchange is cancelled (for racing against upstream waits).
+    pub fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.cancelled {
+            return Poll::Ready(());
+        }
+        if !self.cancel_wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            self.cancel_wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// The next request-body item for the pump, waiting if none is queued.
+    pub fn poll_request_item(&mut self, cx: &mut Context<'_>) -> Poll<RequestItem> {
+        if self.cancelled {
+            return Poll::Ready(RequestItem::Cancelled);
+        }
+        if let Some(chunk) = self.req_chunks.pop_front() {
+            self.req_buffered -= chunk.len();
+            if self.req_blocked {
+                // The edge stopped reading at the limit: there is room again.
+                self.req_blocked = false;
+                self.notify_edge();
+            }
+            return Poll::Ready(RequestItem::Chunk(chunk));
+        }
+        if self.req_end.is_some() && !self.req_end_taken {
+            self.req_end_taken = true;
+            return Poll::Ready(RequestItem::End(
+                self.req_end.as_mut().and_then(Option::take),
+            ));
+        }
+        self.req_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// The pump has finished with the request body (fully sent, or abandoned).
+    pub fn mark_request_forwarded(&mut self) {
+        self.req_forwarded = true;
+        if let Some(w) = self.forwarded_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves once the request body is fully forwarded (or abandoned).
+    pub fn poll_request_forwarded(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.req_forwarded {
+            return Poll::Ready(());
+        }
+        self.forwarded_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Queues response body bytes from HTTP/2.
+    pub fn push_response_chunk(&mut self, chunk: Bytes) {
+        self.resp_buffered += chunk.len();
+        self.resp_chunks.push_back(chunk);
+        self.notify_edge();
+    }
+
+    /// Puts a locally generated complete response (error pages, 404).
+    pub fn respond_locally(&mut self, status: http::StatusCode, detail: &str) {
+        let (parts, body) = super::response::local_response(status, detail);
+        self.resp_head = Some(parts);
+        self.resp_chunks.clear();
+        self.resp_buffered = body.len();
+        self.resp_chunks.push_back(body);
+        self.resp_end = true;
+        self.resp_flow = None;
+        self.notify_edge();
+    }
+
+    // ----- edge side, response -----
+
+    /// Returns HTTP/2 credit for `n` response bytes that QUIC accepted.
+    pub fn consumed_response(&mut self, n: usize) {
+        self.resp_buffered -= n;
+        if let Some(flow) = self.resp_flow.as_mut() {
+            // Fails only when the HTTP/2 stream is already gone; nothing to return then.
+            let _ = flow.release_capacity(n);
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! HTTP/3 request header section → validated request head → HTTP/2 request.
+
+use super::CONNECTION_SPECIFIC;
+use crate::config::{ForwardedMode, HeaderPolicy};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use std::net::SocketAddr;
+
+/// A request head that passed RFC 9114 §4.3.1 validation.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub method: http::Method,
+    pub scheme: String,
+    pub authority: String,
+    pub path: String,
+    /// Regular fields, names lower-case, connection-specific fields already refused.
+    pub headers: HeaderMap,
+    pub content_length: Option<u64>,
+}
+
+/// Why a request is malformed (RFC 9114 §4.1.2): the stream is reset with H3_MESSAGE_ERROR.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed request: {0}")]
+pub struct Malformed(pub &'static str);
+
+/// Validates an HTTP/3 request header section (`quiche` yields it as name/value pairs in
+/// wire order).
+pub fn parse_head<'a>(
+    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+) -> Result<RequestHead, Malformed> {
+    let (mut method, mut scheme, mut authority, mut path) = (None, None, None, None);
+    let mut headers = HeaderMap::new();
+    let mut regular_seen = false;
+    for (name, value) in fields {
+        if let Some(pseudo) = name.strip_prefix(b":") {
+            if regular_seen {
+                return Err(Malformed("pseudo-header after a regular field"));
+            }
+            let slot = match pseudo {
+                b"method" => &mut method,
+                b"scheme" => &mut scheme,
+                b"authority" => &mut authority,
+                b"path" => &mut path,
+                b"protocol" => return Err(Malformed(":protocol without extended CONNECT")),
+                _ => return Err(Malformed("unknown pseudo-header")),
+            };
+            if slot.is_some() {
+                return Err(Malformed("duplicate pseudo-header"));
+            }
+            let text =
+                std::str::from_utf8(value).map_err(|_| Malformed("pseudo-header is not UTF-8"))?;
+            *slot = Some(text.to_string());
+            continue;
+        }
+        regular_seen = true;
+        let name = field_name(name)?;
+        if CONNECTION_SPECIFIC.contains(&name.as_str()) {
+            return Err(Malformed("connection-specific header field"));
+        }
+        if name == http::header::TE && !value.eq_ignore_ascii_case(b"trailers") {
+            return Err(Malformed("te other than `trailers`"));
+        }
+        let value = HeaderValue::from_bytes(value).map_err(|_| Malformed("invalid field value"))?;
+        headers.append(name, value);
+    }
+    let method = method.ok_or(Malformed("missing :method"))?;
+    let method =
+        http::Method::from_bytes(method.as_bytes()).map_err(|_| Malformed("invalid :method"))?;
+    if method == http::Method::CONNECT {
+        // Plain CONNECT carries only :method and :authority (RFC 9114 §4.4).
+        if scheme.is_some() || path.is_some() {
+            return Err(Malformed("CONNECT with :scheme or :path"));
+        }
+        let authority = authority.ok_or(Malformed("CONNECT without :authority"))?;
+        return Ok(RequestHead {
+            method,
+            scheme: String::new(),
+            authority,
+            path: String::new(),
+            headers,
+            content_length: None,
+        });
+    }
+    let scheme = scheme.ok_or(Malformed("missing :scheme"))?;
+    let path = path.ok_or(Malformed("missing :path"))?;
+    if path.is_empty() {
+        return Err(Malformed("empty :path"));
+    }
+    if !(path.starts_with('/') || (path == "*" && method == http::Method::OPTIONS)) {
+        return Err(Malformed("invalid :path"));
+    }
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
+    let authority = match (authority, host) {
+        (Some(a), Some(h)) if a != h => return Err(Malformed(":authority and host differ")),
+        (Some(a), _) => a,
+        (None, Some(h)) => h,
+        (None, None) => return Err(Malformed("missing :authority and host")),
+    };
+    if authority.is_empty() || http::uri::Authority::try_from(authority.as_str()).is_err() {
+        return Err(Malformed("invalid :authority"));
+    }
+    headers.remove(http::header::HOST);
+    let content_length = content_length(&headers)?;
+    Ok(RequestHead {
+        method,
+        scheme,
+        authority,
+        path,
+        headers,
+        content_length,
+    })
+}
+
+/// Validates a trailer section: regular, lower-case fields only.
+pub fn parse_trailers<'a>(
+    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+) -> Result<HeaderMap, Malformed> {
+    let mut map = HeaderMap::new();
+    for (name, value) in fields {
+        if name.starts_with(b":") {
+            return Err(Malformed("pseudo-header in trailers"));
+        }
+        let name = field_name(name)?;
+        if CONNECTION_SPECIFIC.contains(&name.as_str()) {
+            return Err(Malformed("connection-specific header field in trailers"));
+        }
+        map.append(
+            name,
+            HeaderValue::from_bytes(value).map_err(|_| Malformed("invalid field value"))?,
+        );
+    }
+    Ok(map)
+}
+
+fn field_name(name: &[u8]) -> Result<HeaderName, Malformed> {
+    if name.iter().any(u8::is_ascii_uppercase) {
+        return Err(Malformed("upper-case field name"));
+    }
+    HeaderName::from_bytes(name).map_err(|_| Malformed("invalid field name"))
+}
+
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malformed> {
+    let mut found: Option<u64> = None;
+    for v in headers.get_all(http::header::CONTENT_LENGTH) {
+        let n = v
+            .to_str()
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse().ok())
+            .ok_or(Malformed("invalid content-length"))?;
+        if found.is_some_and(|f| f != n) {
+            return Err(Malformed("conflicting content-length values"));
+        }
+        found = Some(n);
+    }
+    Ok(found)
+}
+
+/// Builds the HTTP/2 request Spooky sends upstream: same method, scheme, authority and path;
+/// `via` appended; `x-forwarded-for` / `x-forwarded-proto` set per policy.
+pub fn to_upstream(
+    head: RequestHead,
+    client: SocketAddr,
+    policy: &HeaderPolicy,
+) -> http::Request<()> {
+    let RequestHead {
+        method,
+        scheme,
+        authority,
+        path,
+        mut headers,
+        ..
+    } = head;
+    let client_ip = client.ip().to_string();
+    let xff = match (
+        policy.x_forwarded_for,
+        headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
+    ) {
+        (ForwardedMode::Append, Some(prev)) => format!("{prev}, {client_ip}"),
+        _ => client_ip,
+    };
+    headers.insert(
+        HeaderName::from_static("x-forwarded-for"),
+        HeaderValue::from_str(&xff).expect("IP text is a valid header value"),
+    );
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("https"),
+    );
+    append_via(&mut headers, "3", &policy.via_name);
+    let uri = http::Uri::builder()
+        .scheme(if scheme.is_empty() {
+            "https"
+        } else {
+            scheme.as_str()
+        })
+        .authority(authority.as_str())
+        .path_and_query(path.as_str())
+        .build()
+        .unwrap_or_else(|_| http::Uri::from_static("/"));
+    let mut req = http::Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = http::Version::HTTP_2;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// Appends `<protocol-version> <name>` to `via` (RFC 9110 §7.6.3).
+pub(crate) fn append_via(headers: &mut HeaderMap, version: &str, name: &str) {
+    let ours = format!("{version} {name}");
+    let value = match headers.get(http::header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ours}"),
+        None => ours,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(http::header::VIA, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(fields: &[(&str, &str)]) -> Result<RequestHead, Malformed> {
+        parse_head(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+    }
+
+    const BASE: [(&str, &str); 4] = [
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", "a.example"),
+        (":path", "/x?y=1"),
+    ];
+
+    fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+        let mut v = BASE.to_vec();
+        v.extend_from_slice(extra);
+        v
+    }
+
+    #[test]
+    fn valid_request_maps_to_h2_with_forwarding_headers() {
+        let h = head(&with(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("accept", "*/*"),
+            ("te", "trailers"),
+        ]))
+        .unwrap();
+        let policy = HeaderPolicy::default();
+        let req = to_upstream(h, "192.0.2.7:5555".parse().unwrap(), &policy);
+        assert_eq!(req.uri().to_string(), "https://a.example/x?y=1");
+        assert_eq!(req.headers()["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(req.headers()["x-forwarded-proto"], "https");
+        assert_eq!(req.headers()["via"], "3 spooky");
+        assert_eq!(req.headers()["te"], "trailers");
+    }
+
+    #[test]
+    fn append_mode_keeps_the_chain() {
+        let h = head(&with(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("via", "1.1 cdn"),
+        ]))
+        .unwrap();
+        let policy = HeaderPolicy {
+            x_forwarded_for: ForwardedMode::Append,
+            ..Default::default()
+        };
+        let req = to_upstream(h, "[::1]:5555".parse().unwrap(), &policy);
+        assert_eq!(req.headers()["x-forwarded-for"], "10.0.0.1, ::1");
+        assert_eq!(req.headers()["via"], "1.1 cdn, 3 spooky");
+    }
+
+    #[test]
+    fn malformed_requests_are_refused() {
+        let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+            (
+                vec![(":scheme", "https"), (":authority", "a"), (":path", "/")],
+                "missing :method",
+            ),
+            (
+                vec![(":method", "GET"), (":authority", "a"), (":path", "/")],
+                "missing :scheme",
+            ),
+            (
+                vec![
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":authority", "a"),
+                ],
+                "missing :path",
+            ),
+            (with(&[("Accept", "x")]), "upper-case field name"),
+            (
+                with(&[("connection", "close")]),
+                "connection-specific header field",
+            ),
+            (
+                with(&[("transfer-encoding", "chunked")]),
+                "connection-specific header field",
+            ),
+            (with(&[("te", "gzip")]), "te other than `trailers`"),
+            (with(&[(":foo", "x")]), "unknown pseudo-header"),
+            (
+                vec![
+                    (":method", "GET"),
+                    ("a", "b"),
+                    (":scheme", "https"),
+                    (":path", "/"),
+                    (":authority", "x"),
+                ],
+                "pseudo-header after a regular field",
+            ),
+            (
+                with(&[("a", "b"), (":method", "POST")]),
+                "pseudo-header after a regular field",
+            ),
+            (
+                vec![
+                    (":method", "GET"),
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":path", "/"),
+                ],
+                "duplicate pseudo-header",
+            ),
+            (
+                with(&[("content-length", "1"), ("content-length", "2")]),
+                "conflicting content-length values",
+            ),
+            (with(&[("content-length", "-1")]), "invalid content-length"),
+            (with(&[("host", "b.example")]), ":authority and host differ"),
+            (with(&[("x", "a\nb")]), "invalid field value"),
+        ];
+        for (fields, reason) in cases {
+            assert_eq!(head(&fields).unwrap_err(), Malformed(reason), "{fields:?}");
+        }
+    }
+
+    #[test]
+    fn trailers_must_not_carry_pseudo_headers() {
+        let t = parse_trailers([(&b"grpc-status"[..], &b"0"[..])]).unwrap();
+        assert_eq!(t["grpc-status"], "0");
+        assert!(parse_trailers([(&b":status"[..], &b"200"[..])]).is_err());
+    }
+}

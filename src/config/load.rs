@@ -1,0 +1,364 @@
+//! Loading and validating a configuration file as a whole.
+
+use super::schema::*;
+use std::fmt;
+use std::net::ToSocketAddrs;
+use std::path::{Path, PathBuf};
+
+/// The embedded default configuration: Spooky in front of the demo backend on 127.0.0.1:8081,
+/// with a self-signed certificate. Used by `spooky run` without `--config`.
+pub const DEFAULT_CONFIG_YAML: &str = include_str!("../../config/default.yaml");
+
+/// A configuration problem: which file, which key, what is wrong (and where, when known).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// Dotted key path such as `upstreams.api.backends[0].weight` (empty for the whole document).
+    pub key: String,
+    pub line: Option<usize>,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if self.key.is_empty() {
+            write!(f, ": {}", self.problem)
+        } else {
+            write!(f, ": `{}`: {}", self.key, self.problem)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads, parses and validates `path`. Relative certificate paths resolve against its folder.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        key: String::new(),
+        line: None,
+        problem: format!("cannot read: {e}"),
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse(&text, &file, &base)
+}
+
+/// Parses and validates YAML text; `file` names it in errors, `base` anchors relative paths.
+pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+    let de = serde_norway::Deserializer::from_str(text);
+    let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner.location().map(|l| l.line());
+        let mut problem = inner.to_string();
+        // serde_norway appends "at line L column C"; the line is already reported separately.
+        if let Some(i) = problem.find(" at line ") {
+            problem.truncate(i);
+        }
+        // The path prefix is repeated by serde_norway in some messages.
+        let prefix = format!("{key}: ");
+        if let Some(rest) = problem.strip_prefix(&prefix) {
+            problem = rest.to_string();
+        }
+        ConfigError {
+            file: file.to_string(),
+            key: if key == "." { String::new() } else { key },
+            line,
+            problem,
+        }
+    })?;
+    validate(&mut config, base).map_err(|(key, problem)| ConfigError {
+        file: file.to_string(),
+        key,
+        line: None,
+        problem,
+    })?;
+    Ok(config)
+}
+
+type Invalid = (String, String);
+
+fn bad(key: impl Into<String>, problem: impl Into<String>) -> Invalid {
+    (key.into(), problem.into())
+}
+
+/// Semantic checks that the schema cannot express. Fills resolved fields (backend addresses,
+/// absolute certificate paths).
+fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
+    if c.listen.is_empty() {
+        return Err(bad("listen", "at least one address is required"));
+    }
+    if let Workers::Count(n) = c.workers {
+        if !(1..=256).contains(&n) {
+            return Err(bad(
+                "workers",
+                format!("must be `auto` or 1..=256, got {n}"),
+            ));
+        }
+    }
+    validate_tls(&mut c.tls, base)?;
+    validate_quic(&c.quic)?;
+    for (key, d) in [
+        ("timeouts.connect", c.timeouts.connect.0),
+        ("timeouts.request", c.timeouts.request.0),
+        ("timeouts.idle", c.timeouts.idle.0),
+    ] {
+        if d.is_zero() {
+            return Err(bad(key, "must be greater than zero"));
+        }
+    }
+    if c.headers.via_name.is_empty() || !c.headers.via_name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad(
+            "headers.via_name",
+            "must be a non-empty token without spaces",
+        ));
+    }
+    let h2 = &c.upstream_h2;
+    if !(65_535..=(1 << 31) - 1).contains(&h2.stream_window.0) {
+        return Err(bad(
+            "upstream_h2.stream_window",
+            "must be between 65535 and 2^31-1 bytes",
+        ));
+    }
+    if !(h2.stream_window.0..=(1 << 31) - 1).contains(&h2.connection_window.0) {
+        return Err(bad(
+            "upstream_h2.connection_window",
+            "must be at least upstream_h2.stream_window and at most 2^31-1 bytes",
+        ));
+    }
+    if !(16_384..=16_777_215).contains(&h2.max_frame_size.0) {
+        return Err(bad(
+            "upstream_h2.max_frame_size",
+            "must be between 16384 and 16777215 (RFC 9113 §6.5.2)",
+        ));
+    }
+    if c.upstreams.is_empty() {
+        return Err(bad("upstreams", "at least one upstream pool is required"));
+    }
+    for (name, pool) in c.upstreams.iter_mut() {
+        if pool.backends.is_empty() {
+            return Err(bad(
+                format!("upstreams.{name}.backends"),
+                "a pool needs at least one backend",
+            ));
+        }
+        for (i, b) in pool.backends.iter_mut().enumerate() {
+            let key = format!("upstreams.{name}.backends[{i}]");
+            if b.weight == 0 || b.weight > 10_000 {
+                return Err(bad(
+                    format!("{key}.weight"),
+                    format!("must be 1..=10000, got {}", b.weight),
+                ));
+            }
+            b.addr = resolve(&b.address).map_err(|p| bad(format!("{key}.address"), p))?;
+        }
+    }
+    if c.routes.is_empty() {
+        return Err(bad("routes", "at least one route is required"));
+    }
+    for (i, r) in c.routes.iter().enumerate() {
+        let key = format!("routes[{i}]");
+        if !c.upstreams.contains_key(&r.upstream) {
+            let known: Vec<&str> = c.upstreams.keys().map(String::as_str).collect();
+            return Err(bad(
+                format!("{key}.upstream"),
+                format!(
+                    "unknown upstream `{}` (defined: {})",
+                    r.upstream,
+                    known.join(", ")
+                ),
+            ));
+        }
+        if !r.path_prefix.starts_with('/') {
+            return Err(bad(
+                format!("{key}.path_prefix"),
+                format!("must start with `/`, got `{}`", r.path_prefix),
+            ));
+        }
+        let host = r.host.strip_prefix("*.").unwrap_or(&r.host);
+        let valid_host = r.host == "*"
+            || (!host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':'));
+        if !valid_host || r.host.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(bad(
+                format!("{key}.host"),
+                format!(
+                    "`{}` is not `*`, a lower-case host name, or `*.suffix`",
+                    r.host
+                ),
+            ));
+        }
+    }
+    if c.log
+        .level
+        .parse::<tracing_subscriber::EnvFilter>()
+        .is_err()
+    {
+        return Err(bad(
+            "log.level",
+            format!("`{}` is not a valid log filter", c.log.level),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_tls(tls: &mut Tls, base: &Path) -> Result<(), Invalid> {
+    match (&tls.cert, &tls.key, &tls.self_signed) {
+        (Some(_), Some(_), None) => {}
+        (None, None, Some(names)) => {
+            if names.is_empty() || names.iter().any(|n| n.is_empty()) {
+                return Err(bad("tls.self_signed", "list at least one non-empty name"));
+            }
+            return Ok(());
+        }
+        (_, _, Some(_)) => {
+            return Err(bad(
+                "tls",
+                "set either `cert` and `key`, or `self_signed`, not both",
+            ))
+        }
+        (Some(_), None, None) => return Err(bad("tls.key", "`cert` is set but `key` is missing")),
+        (None, Some(_), None) => return Err(bad("tls.cert", "`key` is set but `cert` is missing")),
+        (None, None, None) => {
+            return Err(bad(
+                "tls",
+                "set `cert` and `key` (PEM files), or `self_signed: [names]`",
+            ))
+        }
+    }
+    for (key, slot, marker) in [
+        ("tls.cert", &mut tls.cert, "CERTIFICATE-----"),
+        ("tls.key", &mut tls.key, "PRIVATE KEY-----"),
+    ] {
+        let path: PathBuf = base.join(slot.as_ref().expect("checked above"));
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| bad(key, format!("cannot read `{}`: {e}", path.display())))?;
+        if !text.contains(marker) {
+            return Err(bad(
+                key,
+                format!(
+                    "`{}` holds no PEM `{}` block",
+                    path.display(),
+                    marker.trim_end_matches('-')
+                ),
+            ));
+        }
+        *slot = Some(path);
+    }
+    Ok(())
+}
+
+fn validate_quic(q: &Quic) -> Result<(), Invalid> {
+    if !(1200..=65_527).contains(&q.max_udp_payload) {
+        return Err(bad(
+            "quic.max_udp_payload",
+            format!(
+                "must be 1200..=65527 (RFC 9000 §18.2), got {}",
+                q.max_udp_payload
+            ),
+        ));
+    }
+    if !(1..=1 << 20).contains(&q.max_concurrent_streams) {
+        return Err(bad("quic.max_concurrent_streams", "must be 1..=1048576"));
+    }
+    if q.max_stream_data.0 < 1024 || q.max_stream_data.0 > (1 << 30) {
+        return Err(bad("quic.max_stream_data", "must be between 1KiB and 1GiB"));
+    }
+    if q.max_data.0 < q.max_stream_data.0 || q.max_data.0 > (1 << 32) {
+        return Err(bad(
+            "quic.max_data",
+            "must be at least quic.max_stream_data and at most 4GiB",
+        ));
+    }
+    if q.max_header_list_size.0 < 1024 {
+        return Err(bad("quic.max_header_list_size", "must be at least 1KiB"));
+    }
+    if !["cubic", "reno", "bbr2"].contains(&q.congestion_control.as_str()) {
+        return Err(bad(
+            "quic.congestion_control",
+            format!(
+                "unknown algorithm `{}` (use cubic, reno or bbr2)",
+                q.congestion_control
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn resolve(address: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = address.parse() {
+        return Ok(a);
+    }
+    if !address.contains(':') {
+        return Err(format!("`{address}` needs a port, as `host:port`"));
+    }
+    address
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{address}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{address}` resolves to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+listen: 127.0.0.1:8443
+tls: { self_signed: [localhost] }
+upstreams:
+  demo:
+    backends:
+      - address: 127.0.0.1:8081
+        weight: 3
+routes:
+  - upstream: demo
+";
+
+    fn err(yaml: &str) -> ConfigError {
+        parse(yaml, "t.yaml", Path::new(".")).expect_err("config should be refused")
+    }
+
+    #[test]
+    fn minimal_config_is_accepted_with_defaults() {
+        let c = parse(GOOD, "t.yaml", Path::new(".")).unwrap();
+        assert_eq!(
+            c.upstreams["demo"].backends[0].addr,
+            "127.0.0.1:8081".parse().unwrap()
+        );
+        assert_eq!(c.routes[0].path_prefix, "/");
+        assert_eq!(c.quic.max_concurrent_streams, 256);
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        parse(DEFAULT_CONFIG_YAML, "default", Path::new(".")).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = err(&GOOD.replace("weight: 3", "wieght: 3"));
+        assert_eq!(e.key, "upstreams.demo.backends[0].wieght");
+        assert_eq!(e.line, Some(8));
+        assert!(e.problem.contains("unknown field `wieght`"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let e = err(&GOOD.replace("upstream: demo", "upstream: nope"));
+        assert_eq!(e.key, "routes[0].upstream");
+        assert!(e.problem.contains("unknown upstream `nope`"));
+        let e = err(&GOOD.replace("weight: 3", "weight: 0"));
+        assert_eq!(e.key, "upstreams.demo.backends[0].weight");
+        let e = err(&GOOD.replace("127.0.0.1:8443", "nonsense"));
+        assert_eq!(e.key, "listen");
+        assert!(e.to_string().starts_with("t.yaml:"), "{e}");
+    }
+}

@@ -1,0 +1,297 @@
+//! The configuration schema, as written in `config.yaml`. Every struct rejects unknown keys so a
+//! typo is an error rather than a silently ignored setting. Defaults live next to each field.
+
+use super::units::{ByteSize, Seconds};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The whole configuration, validated by [`super::load`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// UDP addresses to listen on for QUIC (`"0.0.0.0:443"` or a list).
+    #[serde(deserialize_with = "one_or_many")]
+    pub listen: Vec<SocketAddr>,
+    /// Worker threads: `auto` (one per available core) or a number.
+    #[serde(default)]
+    pub workers: Workers,
+    /// Pin each worker to its own core.
+    #[serde(default = "yes")]
+    pub pin_workers: bool,
+    pub tls: Tls,
+    #[serde(default)]
+    pub quic: Quic,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub headers: HeaderPolicy,
+    #[serde(default)]
+    pub upstream_h2: UpstreamH2,
+    /// Upstream pools by name.
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// Routes, matched in declared order; the first match wins.
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub log: Log,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    let raw = Raw::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("expected an address `IP:PORT` or a list of them"))?;
+    let list = match raw {
+        Raw::One(s) => vec![s],
+        Raw::Many(v) => v,
+    };
+    list.iter()
+        .map(|s| {
+            s.parse::<SocketAddr>().map_err(|_| {
+                serde::de::Error::custom(format!("`{s}` is not an `IP:PORT` socket address"))
+            })
+        })
+        .collect()
+}
+
+/// How many workers to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workers {
+    #[default]
+    Auto,
+    Count(usize),
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(usize),
+            Text(String),
+        }
+        match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected `auto` or a number"))?
+        {
+            Raw::Count(n) => Ok(Workers::Count(n)),
+            Raw::Text(t) if t == "auto" => Ok(Workers::Auto),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!(
+                "expected `auto` or a number, got `{t}`"
+            ))),
+        }
+    }
+}
+
+impl Workers {
+    /// The concrete worker count on this machine.
+    pub fn resolve(self) -> usize {
+        match self {
+            Workers::Count(n) => n,
+            Workers::Auto => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        }
+    }
+}
+
+/// Server certificate: PEM files, or a self-signed certificate generated at start (for demos and
+/// tests only; clients must skip verification).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain, leaf first. Relative paths are relative to the config file.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (ECDSA, RSA or Ed25519).
+    pub key: Option<PathBuf>,
+    /// Generate a self-signed certificate for these names instead of reading files.
+    pub self_signed: Option<Vec<String>>,
+}
+
+/// QUIC transport limits advertised to clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quic {
+    /// Connection-level flow-control window (`initial_max_data`).
+    pub max_data: ByteSize,
+    /// Per-stream flow-control window (`initial_max_stream_data_bidi_remote`).
+    pub max_stream_data: ByteSize,
+    /// Concurrent request streams a client may open (`initial_max_streams_bidi`).
+    pub max_concurrent_streams: u64,
+    /// Largest UDP payload Spooky sends or accepts.
+    pub max_udp_payload: usize,
+    /// Largest request header section accepted (SETTINGS_MAX_FIELD_SECTION_SIZE).
+    pub max_header_list_size: ByteSize,
+    /// Congestion control: `cubic`, `reno` or `bbr2`.
+    pub congestion_control: String,
+}
+
+impl Default for Quic {
+    fn default() -> Self {
+        Quic {
+            max_data: ByteSize(16 << 20),
+            max_stream_data: ByteSize(1 << 20),
+            max_concurrent_streams: 256,
+            max_udp_payload: 1350,
+            max_header_list_size: ByteSize(64 << 10),
+            congestion_control: "cubic".into(),
+        }
+    }
+}
+
+/// Timeouts. `request` bounds the wait for the upstream's response head; streaming bodies are
+/// bounded by `idle` instead, so a long download is never cut by a whole-request deadline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP connect + HTTP/2 handshake to a backend (exceeded: 504).
+    pub connect: Seconds,
+    /// From sending the request upstream to its response head (exceeded: 504).
+    pub request: Seconds,
+    /// QUIC idle timeout, and the longest an upstream body may stall.
+    pub idle: Seconds,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Seconds(Duration::from_secs(2)),
+            request: Seconds(Duration::from_secs(30)),
+            idle: Seconds(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// What Spooky does with forwarding headers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderPolicy {
+    /// `overwrite` (default: the client's value is never trusted) or `append`.
+    pub x_forwarded_for: ForwardedMode,
+    /// The name Spooky gives itself in `via`.
+    pub via_name: String,
+}
+
+impl Default for HeaderPolicy {
+    fn default() -> Self {
+        HeaderPolicy {
+            x_forwarded_for: ForwardedMode::Overwrite,
+            via_name: "spooky".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardedMode {
+    Overwrite,
+    Append,
+}
+
+/// HTTP/2 settings Spooky uses towards every backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamH2 {
+    /// Per-stream receive window: bounds how much of one response Spooky buffers.
+    pub stream_window: ByteSize,
+    /// Connection receive window.
+    pub connection_window: ByteSize,
+    /// Largest frame Spooky accepts.
+    pub max_frame_size: ByteSize,
+}
+
+impl Default for UpstreamH2 {
+    fn default() -> Self {
+        UpstreamH2 {
+            stream_window: ByteSize(1 << 20),
+            connection_window: ByteSize(16 << 20),
+            max_frame_size: ByteSize(64 << 10),
+        }
+    }
+}
+
+/// An upstream pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub backends: Vec<Backend>,
+    /// Balancing algorithm.
+    #[serde(default)]
+    pub balance: Balance,
+}
+
+/// Balancing algorithms. More arrive with the balancing issue; each is one file in `lb`.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Smooth weighted round robin (nginx's algorithm).
+    #[default]
+    RoundRobin,
+}
+
+/// One backend of a pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// `host:port` of an HTTP/2 (h2c, prior knowledge) server. Names resolve once at load.
+    pub address: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Filled by validation: the resolved address.
+    #[serde(skip, default = "unspecified")]
+    pub addr: SocketAddr,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+/// A route: requests whose host and path match go to `upstream`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// `example.com`, `*.example.com`, or `*` (default) for any host.
+    #[serde(default = "any_host")]
+    pub host: String,
+    /// Path prefix, starting with `/`.
+    #[serde(default = "root")]
+    pub path_prefix: String,
+    pub upstream: String,
+}
+
+fn any_host() -> String {
+    "*".into()
+}
+
+fn root() -> String {
+    "/".into()
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// A `tracing` filter such as `info` or `spooky=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".into(),
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The HTTP/2 test backend (`spooky-backend`): h2c with prior knowledge, one monoio runtime per
+//! thread on a shared `SO_REUSEPORT` port.
+//!
+//! | path | response |
+//! |---|---|
+//! | `/bytes/N` | N bytes of [`super::pattern`], `content-length: N` |
+//! | `/echo` | the request body streamed back as it arrives; request trailers echoed as trailers |
+//! | `/sink` | reads the body, answers `{"bytes":N,"sha256":"…"}` |
+//! | `/headers` | the request head as text: `:method`, `:scheme`, `:authority`, `:path`, fields |
+//! | `/status/CODE` | that status with a short body |
+//! | `/trailers` | body `ok` with trailers `grpc-status: 0`, `x-trailer: yes` |
+//! | `/reset-after/N` | N pattern bytes, then `RST_STREAM(INTERNAL_ERROR)` |
+//! | anything else | `200`, body `hello from <name>` |
+//!
+//! Query parameters on any path: `delay_ms=N` waits before the response head, `status=N`
+//! overrides the status. Every response carries `x-backend: <name>`.
+
+use super::pattern;
+use bytes::{Bytes, BytesMut};
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use monoio::io::IntoPollIo;
+use sha2::{Digest, Sha256};
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::Duration;
+
+/// Backend options.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub listen: SocketAddr,
+    pub threads: usize,
+    /// Reported in `x-backend` and the default body, to tell backends apart.
+    pub name: String,
+}
+
+/// Serves forever on `opts.listen`. Returns only on a start-up error.
+pub fn serve(opts: Options) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    let mut addr = opts.listen;
+    for _ in 0..opts.threads.max(1) {
+        let l = bind_tcp(addr)?;
+        addr = l.local_addr()?;
+        listeners.push(l);
+    }
+    eprintln!("spooky-backend {} listening on {addr} (h2c)", opts.name);
+    let name = opts.name;
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            let name = name.clone();
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                    .enable_timer()
+                    .build()?;
+                rt.block_on(accept_loop(l, Rc::from(name.as_str())))
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("backend thread panicked"))??;
+    }
+    Ok(())
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+async fn accept_loop(l: std::net::TcpListener, name: Rc<str>) -> anyhow::Result<()> {
+    let listener = monoio::net::TcpListener::from_std(l)?;
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("spooky-backend: accept: {e}");
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        monoio::spawn(serve_connection(tcp, name.clone()));
+    }
+}
+
+async fn serve_connection(tcp: monoio::net::TcpStream, name: Rc<str>) {
+    let Ok(io) = tcp.into_poll_io() else { return };
+    let conn = h2::server::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(64 << 10)
+        .max_concurrent_streams(1000)
+        .handshake::<_, Bytes>(io)
+        .await;
+    let Ok(mut conn) = conn else { return };
+    while let Some(next) = conn.accept().await {
+        let Ok((req, respond)) = next else { return };
+        monoio::spawn(handle(req, respond, name.clone()));
+    }
+}
+
+async fn handle(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, name: Rc<str>) {
+    let query = Query::parse(req.uri().query().unwrap_or(""));
+    if query.delay_ms > 0 {
+        monoio::time::sleep(Duration::from_millis(query.delay_ms)).await;
+    }
+    let path = req.uri().path().to_string();
+    let respond = &mut respond;
+    let status = |default: u16| {
+        StatusCode::from_u16(query.status.unwrap_or(default)).unwrap_or(StatusCode::OK)
+    };
+    let head = |status: StatusCode, len: Option<u64>| {
+        let mut r = Response::builder()
+            .status(status)
+            .header("x-backend", &*name);
+        if let Some(len) = len {
+            r = r.header(http::header::CONTENT_LENGTH, len);
+        }
+        r.body(()).expect("valid response head")
+    };
+    let parts: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
+    match (parts[0], parts.get(1).copied()) {
+        ("bytes", Some(n)) => {
+            let n: u64 = n.parse().unwrap_or(0);
+            if let Ok(mut tx) = respond.send_response(head(status(200), Some(n)), n == 0) {
+                send_pattern(&mut tx, n).await;
+                if n > 0 {
+                    let _ = tx.send_data(Bytes::new(), true);
+                }
+            }
+        }
+        ("reset-after", Some(n)) => {
+            let n: u64 = n.parse().unwrap_or(0);
+            if let Ok(mut tx) = respond.send_response(head(status(200), None), false) {
+                send_pattern(&mut tx, n).await;
+                // Let the bytes go out before the reset overtakes them.
+                monoio::time::sleep(Duration::from_millis(20)).await;
+                tx.send_reset(h2::Reason::INTERNAL_ERROR);
+            }
+        }
+        ("echo", _) => {
+            let ct = req.headers().get(http::header::CONTENT_TYPE).cloned();
+            let mut h = head(status(200), None);
+            if let Some(ct) = ct {
+                h.headers_mut().insert(http::header::CONTENT_TYPE, ct);
+            }
+            let mut body = req.into_body();
+            if let Ok(mut tx) = respond.send_response(h, false) {
+                while let Some(Ok(chunk)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    if !send_all(&mut tx, chunk).await {
+                        return;
+                    }
+                }
+                match body.trailers().await {
+                    Ok(Some(t)) => {
+                        let _ = tx.send_trailers(t);
+                    }
+                    _ => {
+                        let _ = tx.send_data(Bytes::new(), true);
+                    }
+                }
+            }
+        }
+        ("sink", _) => {
+            let mut body = req.into_body();
+            let mut hasher = Sha256::new();
+            let mut n = 0u64;
+            while let Some(chunk) = body.data().await {
+                let Ok(chunk) = chunk else { return };
+                let _ = body.flow_control().release_capacity(chunk.len());
+                n += chunk.len() as u64;
+                hasher.update(&chunk);
+            }
+            let text = format!(
+                "{{\"bytes\":{n},\"sha256\":\"{}\"}}",
+                hex::encode(hasher.finalize())
+            );
+            send_text(respond, head(status(200), Some(text.len() as u64)), text).await;
+        }
+        ("headers", _) => {
+            let mut text = format!(
+                ":method: {}\n:scheme: {}\n:authority: {}\n:path: {}\n",
+                req.method(),
+                req.uri().scheme_str().unwrap_or(""),
+                req.uri().authority().map(|a| a.as_str()).unwrap_or(""),
+                req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("")
+            );
+            for (k, v) in req.headers() {
+                text.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+            }
+            send_text(respond, head(status(200), Some(text.len() as u64)), text).await;
+        }
+        ("status", Some(code)) => {
+            let code = code
+                .parse()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::BAD_REQUEST);
+            let text = format!("status {}\n", code.as_u16());
+            send_text(respond, head(code, Some(text.len() as u64)), text).await;
+        }
+        ("trailers", _) => {
+            if let Ok(mut tx) = respond.send_response(head(status(200), None), false) {
+                if send_all(&mut tx, Bytes::from_static(b"ok")).await {
+                    let mut t = HeaderMap::new();
+                    t.insert("grpc-status", HeaderValue::from_static("0"));
+                    t.insert("x-trailer", HeaderValue::from_static("yes"));
+                    let _ = tx.send_trailers(t);
+                }
+            }
+        }
+        _ => {
+            let text = format!("hello from {name}\n");
+            send_text(respond, head(status(200), Some(text.len() as u64)), text).await;
+        }
+    }
+}
+
+async fn send_text(respond: &mut SendResponse<Bytes>, head: Response<()>, text: String) {
+    if let Ok(mut tx) = respond.send_response(head, text.is_empty()) {
+        if !text.is_empty() && send_all(&mut tx, Bytes::from(text)).await {
+            let _ = tx.send_data(Bytes::new(), true);
+        }
+    }
+}
+
+async fn send_pattern(tx: &mut SendStream<Bytes>, len: u64) {
+    const CHUNK: usize = 64 * 1024;
+    let mut off = 0u64;
+    while off < len {
+        let n = ((len - off) as usize).min(CHUNK);
+        let mut buf = BytesMut::zeroed(n);
+        pattern::fill(off, &mut buf);
+        if !send_all(tx, buf.freeze()).await {
+            return;
+        }
+        off += n as u64;
+    }
+}
+
+/// Sends `data` within HTTP/2 flow control; false if the stream is gone.
+async fn send_all(tx: &mut SendStream<Bytes>, mut data: Bytes) -> bool {
+    while !data.is_empty() {
+        tx.reserve_capacity(data.len());
+        let cap = poll_fn(|cx| {
+            if tx.capacity() > 0 {
+                return Poll::Ready(Some(tx.capacity()));
+            }
+            match tx.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(n))) if n > 0 => Poll::Ready(Some(n)),
+                Poll::Ready(Some(Ok(_))) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                Poll::Ready(_) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        let Some(cap) = cap else { return false };
+        if tx
+            .send_data(data.split_to(cap.min(data.len())), false)
+            .is_err()
+        {
+            return false;
+        }
+    }
+    true
+}
+
+struct Query {
+    delay_ms: u64,
+    status: Option<u16>,
+}
+
+impl Query {
+    fn parse(q: &str) -> Self {
+        let mut out = Query {
+            delay_ms: 0,
+            status: None,
+        };
+        for pair in q.split('&') {
+            match pair.split_once('=') {
+                Some(("delay_ms", v)) => out.delay_ms = v.parse().unwrap_or(0),
+                Some(("status", v)) => out.status = v.parse().ok(),
+                _ => {}
+            }
+        }
+        out
+    }
+}
