@@ -60,10 +60,11 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError>
         if let Some(i) = problem.find(" at line ") {
             problem.truncate(i);
         }
-        // The path prefix is repeated by serde_norway in some messages.
-        let prefix = format!("{key}: ");
-        if let Some(rest) = problem.strip_prefix(&prefix) {
-            problem = rest.to_string();
+        // serde_norway starts some messages with (part of) the key path, already reported.
+        if let Some((head, rest)) = problem.split_once(": ") {
+            if key.starts_with(head) {
+                problem = rest.to_string();
+            }
         }
         ConfigError {
             file: file.to_string(),
@@ -347,7 +348,7 @@ routes:
         let e = err(&GOOD.replace("weight: 3", "wieght: 3"));
         assert_eq!(e.key, "upstreams.demo.backends[0].wieght");
         assert_eq!(e.line, Some(8));
-        assert!(e.problem.contains("unknown field `wieght`"), "{e}");
+        assert!(e.problem.starts_with("unknown field `wieght`"), "{e}");
     }
 
     #[test]

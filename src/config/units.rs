@@ -46,19 +46,20 @@ impl ByteSize {
         let n: u64 = num.parse().map_err(|_| {
             format!("invalid size `{text}` (write e.g. `65536`, `64KiB` or `1MiB`)")
         })?;
-        let mult: u64 =
-            match unit.trim().to_ascii_lowercase().as_str() {
-                "" | "b" => 1,
-                "k" | "kib" => 1 << 10,
-                "kb" => 1_000,
-                "m" | "mib" => 1 << 20,
-                "mb" => 1_000_000,
-                "g" | "gib" => 1 << 30,
-                "gb" => 1_000_000_000,
-                other => return Err(format!(
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "kb" => 1_000,
+            "m" | "mib" => 1 << 20,
+            "mb" => 1_000_000,
+            "g" | "gib" => 1 << 30,
+            "gb" => 1_000_000_000,
+            other => {
+                return Err(format!(
                     "unknown size unit `{other}` in `{text}` (use B, KiB, MiB, GiB, kB, MB, GB)"
-                )),
-            };
+                ))
+            }
+        };
         n.checked_mul(mult)
             .map(ByteSize)
             .ok_or_else(|| format!("size `{text}` is too large"))

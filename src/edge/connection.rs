@@ -37,6 +37,8 @@ pub struct Connection {
     pub dirty: bool,
     /// The name Spooky puts in `via`.
     via_name: Rc<str>,
+    /// Request body is read here and split off, so a small read does not pin a large buffer.
+    read_buf: BytesMut,
 }
 
 /// Edge-side state of one request stream.
@@ -84,6 +86,7 @@ impl Connection {
             deadline: None,
             dirty: false,
             via_name,
+            read_buf: BytesMut::new(),
         }
     }
 
@@ -291,7 +294,7 @@ impl Connection {
         let outcome = match self.streams.get_mut(&sid) {
             Some(st) => {
                 let h3 = self.h3.as_mut().expect("streams exist only with HTTP/3");
-                match read_request_body(&mut self.quic, h3, sid, st) {
+                match read_request_body(&mut self.quic, h3, sid, st, &mut self.read_buf) {
                     Err(why) => return self.reject_malformed(sid, why),
                     Ok(()) => write_response(&mut self.quic, h3, sid, st, &self.via_name),
                 }
@@ -344,6 +347,7 @@ fn read_request_body(
     h3: &mut h3::Connection,
     sid: u64,
     st: &mut RequestStream,
+    buf: &mut BytesMut,
 ) -> Result<(), request::Malformed> {
     if !st.readable || st.recv_done {
         return Ok(());
@@ -358,14 +362,14 @@ fn read_request_body(
             return Ok(());
         }
         let want = room.min(READ_CHUNK);
-        let mut buf = BytesMut::with_capacity(want);
-        match h3.recv_body_buf(quic, sid, (&mut buf).limit(want)) {
+        buf.reserve(want);
+        match h3.recv_body_buf(quic, sid, (&mut *buf).limit(want)) {
             Ok(n) => {
                 st.body_received += n as u64;
                 if st.content_length.is_some_and(|cl| st.body_received > cl) {
                     return Err(request::Malformed("body longer than content-length"));
                 }
-                ex.push_request_chunk(buf.freeze());
+                ex.push_request_chunk(buf.split().freeze());
             }
             Err(h3::Error::Done) => {
                 st.readable = false;

@@ -1,0 +1,174 @@
+//! Starts real processes for end-to-end tests: the project's HTTP/2 backend and Spooky itself,
+//! on OS-chosen loopback ports, and tears them down on drop.
+
+use spooky::tools::h3client::{Client, Options};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A child process killed on drop, whose stderr is kept in a file.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Spawns `cmd`, copies its stderr to `log`, and waits for a line containing `marker`;
+/// returns the process and that line.
+fn spawn_until(mut cmd: Command, log: PathBuf, marker: &'static str) -> (Proc, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    let log_path = log.clone();
+    std::thread::spawn(move || {
+        let mut file = std::fs::File::create(&log_path).expect("log file");
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            use std::io::Write;
+            let _ = writeln!(file, "{line}");
+            if !sent && line.contains(marker) {
+                let _ = tx.send(line);
+                sent = true;
+            }
+        }
+    });
+    let proc = Proc { child, log };
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) => (proc, line),
+        Err(_) => panic!(
+            "process did not log `{marker}` in 30 s; log:\n{}",
+            proc.log_text()
+        ),
+    }
+}
+
+fn temp_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"))
+        .path()
+}
+
+fn unique(name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    temp_dir().join(format!("{name}-{n}"))
+}
+
+/// The project's HTTP/2 test backend.
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// Kept for its drop, which stops the process.
+    _proc: Proc,
+}
+
+impl Backend {
+    pub fn start(name: &str) -> Backend {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_spooky-backend"));
+        cmd.args(["-l", "127.0.0.1:0", "-n", name]);
+        let (proc, line) = spawn_until(cmd, unique("backend.log"), "listening on");
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .expect("address");
+        Backend {
+            addr: addr.parse().expect("backend address"),
+            _proc: proc,
+        }
+    }
+}
+
+/// A running Spooky.
+pub struct Spooky {
+    pub addr: SocketAddr,
+    pub proc: Proc,
+}
+
+impl Spooky {
+    /// Starts Spooky with `yaml` (which should listen on `127.0.0.1:0`).
+    pub fn start(yaml: &str) -> Spooky {
+        let config = unique("spooky.yaml");
+        std::fs::write(&config, yaml).expect("write config");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_spooky"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info");
+        let (proc, line) = spawn_until(cmd, unique("spooky.log"), "spooky ready");
+        let addr = line
+            .split("listen=")
+            .nth(1)
+            .and_then(|s| s.split([',', ' ']).next())
+            .expect("listen address");
+        Spooky {
+            addr: addr.parse().expect("spooky address"),
+            proc,
+        }
+    }
+
+    /// Spooky with two workers in front of `backends` (one pool `main`, weights given).
+    pub fn in_front_of(backends: &[(&Backend, u32)], extra: &str) -> Spooky {
+        let list: String = backends
+            .iter()
+            .map(|(b, w)| format!("      - address: {}\n        weight: {w}\n", b.addr))
+            .collect();
+        Spooky::start(&format!(
+            "listen: 127.0.0.1:0\nworkers: 2\ntls:\n  self_signed: [localhost]\n{extra}\nupstreams:\n  main:\n    backends:\n{list}routes:\n  - upstream: main\n"
+        ))
+    }
+
+    pub fn client(&self) -> Client {
+        self.client_with(Options::default())
+    }
+
+    pub fn client_with(&self, opts: Options) -> Client {
+        Client::connect(self.addr, opts)
+            .unwrap_or_else(|e| panic!("connect: {e}; log:\n{}", self.proc.log_text()))
+    }
+
+    /// Resident set size now and its peak so far, in bytes, from /proc.
+    pub fn rss(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))
+            .expect("proc status");
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .expect("field")
+                * 1024
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+/// A loopback TCP port with nothing listening on it.
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}

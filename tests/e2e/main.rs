@@ -1,0 +1,12 @@
+//! End-to-end tests: a real HTTP/3 client over real UDP sockets → Spooky (two workers) →
+//! the project's real HTTP/2 backend over TCP. One binary, one module per scenario.
+
+mod harness;
+
+mod bodies;
+mod config_errors;
+mod failures;
+mod headers;
+mod large_transfers;
+mod load;
+mod malformed;

@@ -1,0 +1,313 @@
+"""Fixtures for the aioquic interop suite: spooky-backend, nginx and spooky as child processes.
+
+Binaries come from $SPOOKY_BIN_DIR (default: <repo>/target/debug); nginx from $NGINX
+(default: /usr/sbin/nginx). Each process's output is kept in a log file in the session's
+tmp dir; spooky's stderr tail is attached to every failing test's report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN_DIR = Path(os.environ.get("SPOOKY_BIN_DIR", REPO / "target" / "debug"))
+NGINX = os.environ.get("NGINX", "/usr/sbin/nginx")
+READY_TIMEOUT = 30.0
+BACKEND_NAME = "interop-demo"
+
+_STACK: "Stack | None" = None
+
+
+class Proc:
+    """A child process whose merged stdout/stderr is copied to a log file by a reader thread.
+
+    If `ready_re` is given, `wait_ready()` returns its first match on an output line.
+    """
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, ready_re: str | None = None):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self._ready_re = re.compile(ready_re) if ready_re else None
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._match: re.Match | None = None
+        self._ready = threading.Event()
+        self._eof = threading.Event()
+        self._log = open(log_path, "w", encoding="utf-8", errors="replace")
+        self.popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self._thread = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in iter(self.popen.stdout.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            with self._lock:
+                self._lines.append(line)
+                self._log.write(line)
+                self._log.flush()
+            if self._ready_re is not None and self._match is None:
+                m = self._ready_re.search(line)
+                if m:
+                    self._match = m
+                    self._ready.set()
+        self._eof.set()
+
+    def output(self) -> str:
+        """Everything the process printed so far."""
+        with self._lock:
+            return "".join(self._lines)
+
+    def tail(self, n: int = 60) -> str:
+        with self._lock:
+            return "".join(self._lines[-n:])
+
+    def _fail(self, why: str) -> RuntimeError:
+        return RuntimeError(
+            f"{self.name} {why}\ncommand: {' '.join(map(str, self.argv))}\n"
+            f"exit status: {self.popen.poll()}\n--- output ({self.log_path}) ---\n{self.output()}"
+        )
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> re.Match:
+        """Wait for the readiness line; fail early if the process exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._ready.wait(0.05):
+                assert self._match is not None
+                return self._match
+            if self.popen.poll() is not None and self._eof.wait(0.5):
+                if self._ready.is_set():
+                    continue
+                raise self._fail("exited before becoming ready")
+        raise self._fail(f"not ready within {timeout}s")
+
+    def wait_tcp(self, port: int, timeout: float = READY_TIMEOUT) -> None:
+        """Poll until 127.0.0.1:port accepts TCP connections."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                self._eof.wait(1)
+                raise self._fail("exited before accepting connections")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise self._fail(f"did not accept TCP connections on port {port} within {timeout}s")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self) -> None:
+        """Terminate; kill after 5 s."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._thread.join(5)
+        with self._lock:
+            self._log.close()
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port the OS considers free right now (bind to 0, close)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_binary(name: str) -> Path:
+    path = BIN_DIR / name
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise RuntimeError(f"{path} not found or not executable (set SPOOKY_BIN_DIR)")
+    return path
+
+
+@dataclass
+class Stack:
+    """The running processes and what the tests need to know about them."""
+
+    tmp: Path
+    spooky_port: int
+    backend_port: int
+    backend_name: str
+    nginx_port: int
+    dead_port: int
+    nginx_file: bytes
+    nginx_hello: bytes
+    spooky: Proc
+    backend: Proc
+    nginx: Proc
+
+
+def write_nginx_tree(tmp: Path, port: int) -> tuple[Path, bytes, bytes]:
+    """Create nginx's prefix dir: config, temp dirs, and the static files it serves."""
+    www = tmp / "www"
+    www.mkdir()
+    file_bin = os.urandom(1 << 20)
+    hello = b"hello from nginx\n"
+    (www / "file.bin").write_bytes(file_bin)
+    (www / "hello.txt").write_bytes(hello)
+    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / "temp" / d).mkdir(parents=True)
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        f"""\
+user root;
+worker_processes 1;
+error_log {tmp}/error.log info;
+pid {tmp}/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/temp/body;
+    proxy_temp_path {tmp}/temp/proxy;
+    fastcgi_temp_path {tmp}/temp/fastcgi;
+    uwsgi_temp_path {tmp}/temp/uwsgi;
+    scgi_temp_path {tmp}/temp/scgi;
+    default_type application/octet-stream;
+    types {{ text/plain txt; }}
+    server {{
+        listen 127.0.0.1:{port} http2;
+        server_name localhost;
+        location /nginx/ {{
+            alias {www}/;
+        }}
+        location = /nginx/teapot {{
+            return 418 "short and stout\\n";
+        }}
+    }}
+}}
+"""
+    )
+    return conf, file_bin, hello
+
+
+def spooky_config(backend_port: int, nginx_port: int, dead_port: int) -> str:
+    """Spooky config: demo on localhost and only.example, /nginx/ and /dead/ on any host."""
+    return f"""\
+listen: 127.0.0.1:0
+workers: 2
+tls:
+  self_signed: [localhost]
+timeouts: {{ connect: 2s, request: 5s, idle: 30s }}
+upstreams:
+  nginx:
+    backends:
+      - address: 127.0.0.1:{nginx_port}
+  demo:
+    backends:
+      - address: 127.0.0.1:{backend_port}
+        weight: 1
+  dead:
+    backends:
+      - address: 127.0.0.1:{dead_port}
+routes:
+  - path_prefix: /nginx/
+    upstream: nginx
+  - path_prefix: /dead/
+    upstream: dead
+  - host: only.example
+    path_prefix: /
+    upstream: demo
+  - host: localhost
+    path_prefix: /
+    upstream: demo
+"""
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    """Start spooky-backend, nginx and spooky; stop them all at the end of the session."""
+    global _STACK
+    tmp = tmp_path_factory.mktemp("interop")
+    procs: list[Proc] = []
+    try:
+        backend = Proc(
+            "spooky-backend",
+            [str(find_binary("spooky-backend")), "-l", "127.0.0.1:0", "-n", BACKEND_NAME, "-t", "1"],
+            tmp / "backend.log",
+            ready_re=r"listening on 127\.0\.0\.1:(\d+)",
+        )
+        procs.append(backend)
+        backend_port = int(backend.wait_ready().group(1))
+
+        nginx_dir = tmp / "nginx"
+        nginx_dir.mkdir()
+        nginx_port = free_port()
+        conf, file_bin, hello = write_nginx_tree(nginx_dir, nginx_port)
+        nginx = Proc(
+            "nginx",
+            [NGINX, "-p", f"{nginx_dir}/", "-c", str(conf), "-e", f"{nginx_dir}/error.log",
+             "-g", "daemon off;"],
+            tmp / "nginx.log",
+        )
+        procs.append(nginx)
+        nginx.wait_tcp(nginx_port)
+
+        dead_port = free_port()
+        cfg = tmp / "spooky.yaml"
+        cfg.write_text(spooky_config(backend_port, nginx_port, dead_port))
+        spooky = Proc(
+            "spooky",
+            [str(find_binary("spooky")), "run", "--config", str(cfg)],
+            tmp / "spooky.stderr.log",
+            ready_re=r"spooky ready.*listen=127\.0\.0\.1:(\d+)",
+        )
+        procs.append(spooky)
+        spooky_port = int(spooky.wait_ready().group(1))
+    except BaseException:
+        for p in reversed(procs):
+            p.stop()
+        raise
+
+    _STACK = Stack(
+        tmp=tmp,
+        spooky_port=spooky_port,
+        backend_port=backend_port,
+        backend_name=BACKEND_NAME,
+        nginx_port=nginx_port,
+        dead_port=dead_port,
+        nginx_file=file_bin,
+        nginx_hello=hello,
+        spooky=spooky,
+        backend=backend,
+        nginx=nginx,
+    )
+    try:
+        yield _STACK
+    finally:
+        _STACK = None
+        for p in reversed(procs):
+            p.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attach spooky's recent output (and liveness) to failing test reports."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _STACK is not None:
+        s = _STACK
+        state = "running" if s.spooky.alive() else f"EXITED ({s.spooky.popen.poll()})"
+        report.sections.append(
+            (f"spooky output tail ({state}; full log {s.spooky.log_path})", s.spooky.tail(60))
+        )
