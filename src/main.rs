@@ -54,6 +54,14 @@ fn main() -> ExitCode {
         }
     };
     if !run {
+        // Like `nginx -t`, also load the certificate and key, not just their paths.
+        if let Err(e) = spooky::edge::tls::TlsMaterial::load(&config) {
+            eprintln!(
+                "spooky: invalid configuration: {}: {e:#}",
+                path.as_ref().expect("check has a path").display()
+            );
+            return ExitCode::from(2);
+        }
         println!(
             "spooky: configuration {} is valid",
             path.expect("check has a path").display()

@@ -91,3 +91,33 @@ fn run_refuses_a_bad_config_before_binding() {
         "{text}"
     );
 }
+
+#[test]
+fn the_documented_example_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/spooky.yaml"))
+            .unwrap();
+    // Its backends are names of a real deployment; point them somewhere resolvable here.
+    let example = example.replace("static.internal:8080", "localhost:8080");
+    std::fs::write(dir.path().join("spooky.yaml"), example).unwrap();
+    std::fs::create_dir(dir.path().join("tls")).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["api.example.com".to_string()]).unwrap();
+    std::fs::write(dir.path().join("tls/cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(
+        dir.path().join("tls/key.pem"),
+        ck.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_spooky"))
+        .arg("check")
+        .arg("--config")
+        .arg(dir.path().join("spooky.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
