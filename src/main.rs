@@ -1,6 +1,7 @@
 //! `spooky`: run the proxy, or check a configuration file.
 
 use clap::{Parser, Subcommand};
+use spooky::control::snapshot::{Snapshot, Source};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -8,11 +9,7 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(
-    name = "spooky",
-    version,
-    about = "HTTP/3 edge proxy: QUIC in, pooled HTTP/2 out"
-)]
+#[command(name = "spooky", version, about = "HTTP/3 edge proxy: QUIC in, pooled HTTP/2 out")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -34,42 +31,25 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (path, run) = match cli.command.unwrap_or(Command::Run { config: None }) {
-        Command::Run { config } => (config, true),
-        Command::Check { config } => (Some(config), false),
+    let (source, run) = match cli.command.unwrap_or(Command::Run { config: None }) {
+        Command::Run { config: Some(path) } => (Source::File(path), true),
+        Command::Run { config: None } => (Source::Embedded, true),
+        Command::Check { config } => (Source::File(config), false),
     };
-    let loaded = match &path {
-        Some(p) => spooky::config::load(p),
-        None => spooky::config::parse(
-            spooky::config::DEFAULT_CONFIG_YAML,
-            "<embedded default>",
-            ".".as_ref(),
-        ),
-    };
-    let config = match loaded {
-        Ok(c) => c,
+    // The whole file, certificate and key included, is checked before anything starts.
+    let snapshot = match Snapshot::load(&source, 1) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("spooky: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };
     if !run {
-        // Like `nginx -t`, also load the certificate and key, not just their paths.
-        if let Err(e) = spooky::edge::tls::TlsMaterial::load(&config) {
-            eprintln!(
-                "spooky: invalid configuration: {}: {e:#}",
-                path.as_ref().expect("check has a path").display()
-            );
-            return ExitCode::from(2);
-        }
-        println!(
-            "spooky: configuration {} is valid",
-            path.expect("check has a path").display()
-        );
+        println!("spooky: configuration {} is valid", source.describe());
         return ExitCode::SUCCESS;
     }
-    spooky::telemetry::init_logging(&config.log.level);
-    match spooky::control::run(config) {
+    spooky::telemetry::init_logging(&snapshot.config.log.level);
+    match spooky::control::run(snapshot) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("spooky: {e:#}");

@@ -17,10 +17,7 @@ use std::time::Duration;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(
-    name = "spooky-client",
-    about = "Minimal HTTP/3 client: prints status, headers and body"
-)]
+#[command(name = "spooky-client", about = "Minimal HTTP/3 client: prints status, headers and body")]
 struct Cli {
     /// https://host[:port]/path
     url: String,
@@ -71,23 +68,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let uri: http::Uri = cli.url.parse()?;
-    anyhow::ensure!(
-        uri.scheme_str() == Some("https"),
-        "the URL must start with https://"
-    );
-    let host = uri
-        .host()
-        .ok_or_else(|| anyhow::anyhow!("the URL has no host"))?
-        .to_string();
+    anyhow::ensure!(uri.scheme_str() == Some("https"), "the URL must start with https://");
+    let host = uri.host().ok_or_else(|| anyhow::anyhow!("the URL has no host"))?.to_string();
     let port = uri.port_u16().unwrap_or(443);
-    let target = cli
-        .connect_to
-        .clone()
-        .unwrap_or_else(|| format!("{host}:{port}"));
-    let addr = target
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("{target} resolves to nothing"))?;
+    let target = cli.connect_to.clone().unwrap_or_else(|| format!("{host}:{port}"));
+    let addr = target.to_socket_addrs()?.next().ok_or_else(|| anyhow::anyhow!("{target} resolves to nothing"))?;
     let body = if let Some(d) = cli.data {
         Body::Bytes(Bytes::from(d))
     } else if let Some(f) = &cli.data_file {
@@ -97,34 +82,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     } else {
         Body::Empty
     };
-    let method = cli.request.unwrap_or_else(|| {
-        if matches!(body, Body::Empty) {
-            "GET"
-        } else {
-            "POST"
-        }
-        .into()
-    });
+    let method = cli.request.unwrap_or_else(|| if matches!(body, Body::Empty) { "GET" } else { "POST" }.into());
     let mut req = Request {
         method,
-        path: uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into()),
-        authority: Some(
-            uri.authority()
-                .map(|a| a.as_str().to_string())
-                .unwrap_or(host.clone()),
-        ),
+        path: uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
+        authority: Some(uri.authority().map(|a| a.as_str().to_string()).unwrap_or(host.clone())),
         body,
         ..Request::get("/")
     };
     for h in &cli.headers {
-        let (n, v) = h
-            .split_once(':')
-            .ok_or_else(|| anyhow::anyhow!("header `{h}` is not `name: value`"))?;
-        req.headers
-            .push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
+        let (n, v) = h.split_once(':').ok_or_else(|| anyhow::anyhow!("header `{h}` is not `name: value`"))?;
+        req.headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
     }
     let opts = Options {
         server_name: host,
@@ -161,15 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     if cli.count > 1 {
-        eprintln!(
-            "{} responses in {:.3}s",
-            responses.len(),
-            elapsed.as_secs_f64()
-        );
+        eprintln!("{} responses in {:.3}s", responses.len(), elapsed.as_secs_f64());
     }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

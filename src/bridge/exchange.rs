@@ -103,6 +103,9 @@ pub struct Exchange {
     /// Credit to return to HTTP/2 as QUIC accepts response bytes (None for local responses).
     pub resp_flow: Option<h2::FlowControl>,
     pub failure: Option<Failure>,
+    /// The backend the request went to, and how long its response head took.
+    pub upstream: Option<std::net::SocketAddr>,
+    pub upstream_time: Option<std::time::Duration>,
 
     /// The client went away: the upstream side must stop and reset its stream.
     cancelled: bool,
@@ -133,6 +136,8 @@ impl Exchange {
             resp_trailers: None,
             resp_flow: None,
             failure: None,
+            upstream: None,
+            upstream_time: None,
             cancelled: false,
             cancel_wakers: Vec::new(),
         }))
@@ -224,9 +229,7 @@ impl Exchange {
         }
         if self.req_end.is_some() && !self.req_end_taken {
             self.req_end_taken = true;
-            return Poll::Ready(RequestItem::End(
-                self.req_end.as_mut().and_then(Option::take),
-            ));
+            return Poll::Ready(RequestItem::End(self.req_end.as_mut().and_then(Option::take)));
         }
         self.req_waker = Some(cx.waker().clone());
         Poll::Pending

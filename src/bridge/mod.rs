@@ -22,10 +22,5 @@ pub mod h3_error {
 
 /// Headers that describe one hop's connection, never forwarded (RFC 9110 §7.6.1) and
 /// malformed in HTTP/2 and HTTP/3 requests (RFC 9113 §8.2.2, RFC 9114 §4.2).
-pub(crate) const CONNECTION_SPECIFIC: [&str; 5] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-];
+pub(crate) const CONNECTION_SPECIFIC: [&str; 5] =
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];

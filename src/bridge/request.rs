@@ -24,9 +24,7 @@ pub struct Malformed(pub &'static str);
 
 /// Validates an HTTP/3 request header section (`quiche` yields it as name/value pairs in
 /// wire order).
-pub fn parse_head<'a>(
-    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
-) -> Result<RequestHead, Malformed> {
+pub fn parse_head<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Result<RequestHead, Malformed> {
     let (mut method, mut scheme, mut authority, mut path) = (None, None, None, None);
     let mut headers = HeaderMap::new();
     let mut regular_seen = false;
@@ -46,8 +44,7 @@ pub fn parse_head<'a>(
             if slot.is_some() {
                 return Err(Malformed("duplicate pseudo-header"));
             }
-            let text =
-                std::str::from_utf8(value).map_err(|_| Malformed("pseudo-header is not UTF-8"))?;
+            let text = std::str::from_utf8(value).map_err(|_| Malformed("pseudo-header is not UTF-8"))?;
             *slot = Some(text.to_string());
             continue;
         }
@@ -63,8 +60,7 @@ pub fn parse_head<'a>(
         headers.append(name, value);
     }
     let method = method.ok_or(Malformed("missing :method"))?;
-    let method =
-        http::Method::from_bytes(method.as_bytes()).map_err(|_| Malformed("invalid :method"))?;
+    let method = http::Method::from_bytes(method.as_bytes()).map_err(|_| Malformed("invalid :method"))?;
     if method == http::Method::CONNECT {
         // Plain CONNECT carries only :method and :authority (RFC 9114 §4.4).
         if scheme.is_some() || path.is_some() {
@@ -88,10 +84,7 @@ pub fn parse_head<'a>(
     if !(path.starts_with('/') || (path == "*" && method == http::Method::OPTIONS)) {
         return Err(Malformed("invalid :path"));
     }
-    let host = headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string);
+    let host = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
     let authority = match (authority, host) {
         (Some(a), Some(h)) if a != h => return Err(Malformed(":authority and host differ")),
         (Some(a), _) => a,
@@ -103,20 +96,11 @@ pub fn parse_head<'a>(
     }
     headers.remove(http::header::HOST);
     let content_length = content_length(&headers)?;
-    Ok(RequestHead {
-        method,
-        scheme,
-        authority,
-        path,
-        headers,
-        content_length,
-    })
+    Ok(RequestHead { method, scheme, authority, path, headers, content_length })
 }
 
 /// Validates a trailer section: regular, lower-case fields only.
-pub fn parse_trailers<'a>(
-    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
-) -> Result<HeaderMap, Malformed> {
+pub fn parse_trailers<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Result<HeaderMap, Malformed> {
     let mut map = HeaderMap::new();
     for (name, value) in fields {
         if name.starts_with(b":") {
@@ -126,10 +110,7 @@ pub fn parse_trailers<'a>(
         if CONNECTION_SPECIFIC.contains(&name.as_str()) {
             return Err(Malformed("connection-specific header field in trailers"));
         }
-        map.append(
-            name,
-            HeaderValue::from_bytes(value).map_err(|_| Malformed("invalid field value"))?,
-        );
+        map.append(name, HeaderValue::from_bytes(value).map_err(|_| Malformed("invalid field value"))?);
     }
     Ok(map)
 }
@@ -158,26 +139,49 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malformed> {
     Ok(found)
 }
 
+/// Generates `x-request-id` values: 128 bits from a per-worker generator seeded by the OS
+/// (unique, not a secret, so no syscall per request).
+pub struct RequestIds {
+    state: u64,
+}
+
+impl RequestIds {
+    pub fn new() -> Self {
+        let mut seed = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).expect("OS randomness");
+        RequestIds { state: u64::from_le_bytes(seed) }
+    }
+
+    /// wyrand: a fast, well-distributed 64-bit generator.
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0xa076_1d64_78bd_642f);
+        let t = u128::from(self.state) * u128::from(self.state ^ 0xe703_7ed1_a0b4_28db);
+        ((t >> 64) ^ t) as u64
+    }
+
+    /// Returns the request's `x-request-id`, inserting a new one when the client sent none.
+    pub fn ensure(&mut self, headers: &mut HeaderMap) -> String {
+        if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+            return id.to_string();
+        }
+        let id = format!("{:016x}{:016x}", self.next_u64(), self.next_u64());
+        headers.insert(HeaderName::from_static("x-request-id"), HeaderValue::from_str(&id).expect("hex"));
+        id
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Builds the HTTP/2 request Spooky sends upstream: same method, scheme, authority and path;
 /// `via` appended; `x-forwarded-for` / `x-forwarded-proto` set per policy.
-pub fn to_upstream(
-    head: RequestHead,
-    client: SocketAddr,
-    policy: &HeaderPolicy,
-) -> http::Request<()> {
-    let RequestHead {
-        method,
-        scheme,
-        authority,
-        path,
-        mut headers,
-        ..
-    } = head;
+pub fn to_upstream(head: RequestHead, client: SocketAddr, policy: &HeaderPolicy) -> http::Request<()> {
+    let RequestHead { method, scheme, authority, path, mut headers, .. } = head;
     let client_ip = client.ip().to_string();
-    let xff = match (
-        policy.x_forwarded_for,
-        headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
-    ) {
+    let xff = match (policy.x_forwarded_for, headers.get("x-forwarded-for").and_then(|v| v.to_str().ok())) {
         (ForwardedMode::Append, Some(prev)) => format!("{prev}, {client_ip}"),
         _ => client_ip,
     };
@@ -185,17 +189,10 @@ pub fn to_upstream(
         HeaderName::from_static("x-forwarded-for"),
         HeaderValue::from_str(&xff).expect("IP text is a valid header value"),
     );
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("https"),
-    );
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
     append_via(&mut headers, "3", &policy.via_name);
     let uri = http::Uri::builder()
-        .scheme(if scheme.is_empty() {
-            "https"
-        } else {
-            scheme.as_str()
-        })
+        .scheme(if scheme.is_empty() { "https" } else { scheme.as_str() })
         .authority(authority.as_str())
         .path_and_query(path.as_str())
         .build()
@@ -228,12 +225,8 @@ mod tests {
         parse_head(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
     }
 
-    const BASE: [(&str, &str); 4] = [
-        (":method", "GET"),
-        (":scheme", "https"),
-        (":authority", "a.example"),
-        (":path", "/x?y=1"),
-    ];
+    const BASE: [(&str, &str); 4] =
+        [(":method", "GET"), (":scheme", "https"), (":authority", "a.example"), (":path", "/x?y=1")];
 
     fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
         let mut v = BASE.to_vec();
@@ -243,12 +236,7 @@ mod tests {
 
     #[test]
     fn valid_request_maps_to_h2_with_forwarding_headers() {
-        let h = head(&with(&[
-            ("x-forwarded-for", "6.6.6.6"),
-            ("accept", "*/*"),
-            ("te", "trailers"),
-        ]))
-        .unwrap();
+        let h = head(&with(&[("x-forwarded-for", "6.6.6.6"), ("accept", "*/*"), ("te", "trailers")])).unwrap();
         let policy = HeaderPolicy::default();
         let req = to_upstream(h, "192.0.2.7:5555".parse().unwrap(), &policy);
         assert_eq!(req.uri().to_string(), "https://a.example/x?y=1");
@@ -260,15 +248,8 @@ mod tests {
 
     #[test]
     fn append_mode_keeps_the_chain() {
-        let h = head(&with(&[
-            ("x-forwarded-for", "10.0.0.1"),
-            ("via", "1.1 cdn"),
-        ]))
-        .unwrap();
-        let policy = HeaderPolicy {
-            x_forwarded_for: ForwardedMode::Append,
-            ..Default::default()
-        };
+        let h = head(&with(&[("x-forwarded-for", "10.0.0.1"), ("via", "1.1 cdn")])).unwrap();
+        let policy = HeaderPolicy { x_forwarded_for: ForwardedMode::Append, ..Default::default() };
         let req = to_upstream(h, "[::1]:5555".parse().unwrap(), &policy);
         assert_eq!(req.headers()["x-forwarded-for"], "10.0.0.1, ::1");
         assert_eq!(req.headers()["via"], "1.1 cdn, 3 spooky");
@@ -277,60 +258,24 @@ mod tests {
     #[test]
     fn malformed_requests_are_refused() {
         let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
-            (
-                vec![(":scheme", "https"), (":authority", "a"), (":path", "/")],
-                "missing :method",
-            ),
-            (
-                vec![(":method", "GET"), (":authority", "a"), (":path", "/")],
-                "missing :scheme",
-            ),
-            (
-                vec![
-                    (":method", "GET"),
-                    (":scheme", "https"),
-                    (":authority", "a"),
-                ],
-                "missing :path",
-            ),
+            (vec![(":scheme", "https"), (":authority", "a"), (":path", "/")], "missing :method"),
+            (vec![(":method", "GET"), (":authority", "a"), (":path", "/")], "missing :scheme"),
+            (vec![(":method", "GET"), (":scheme", "https"), (":authority", "a")], "missing :path"),
             (with(&[("Accept", "x")]), "upper-case field name"),
-            (
-                with(&[("connection", "close")]),
-                "connection-specific header field",
-            ),
-            (
-                with(&[("transfer-encoding", "chunked")]),
-                "connection-specific header field",
-            ),
+            (with(&[("connection", "close")]), "connection-specific header field"),
+            (with(&[("transfer-encoding", "chunked")]), "connection-specific header field"),
             (with(&[("te", "gzip")]), "te other than `trailers`"),
             (with(&[(":foo", "x")]), "unknown pseudo-header"),
             (
-                vec![
-                    (":method", "GET"),
-                    ("a", "b"),
-                    (":scheme", "https"),
-                    (":path", "/"),
-                    (":authority", "x"),
-                ],
+                vec![(":method", "GET"), ("a", "b"), (":scheme", "https"), (":path", "/"), (":authority", "x")],
                 "pseudo-header after a regular field",
             ),
+            (with(&[("a", "b"), (":method", "POST")]), "pseudo-header after a regular field"),
             (
-                with(&[("a", "b"), (":method", "POST")]),
-                "pseudo-header after a regular field",
-            ),
-            (
-                vec![
-                    (":method", "GET"),
-                    (":method", "GET"),
-                    (":scheme", "https"),
-                    (":path", "/"),
-                ],
+                vec![(":method", "GET"), (":method", "GET"), (":scheme", "https"), (":path", "/")],
                 "duplicate pseudo-header",
             ),
-            (
-                with(&[("content-length", "1"), ("content-length", "2")]),
-                "conflicting content-length values",
-            ),
+            (with(&[("content-length", "1"), ("content-length", "2")]), "conflicting content-length values"),
             (with(&[("content-length", "-1")]), "invalid content-length"),
             (with(&[("host", "b.example")]), ":authority and host differ"),
             (with(&[("x", "a\nb")]), "invalid field value"),
@@ -338,6 +283,17 @@ mod tests {
         for (fields, reason) in cases {
             assert_eq!(head(&fields).unwrap_err(), Malformed(reason), "{fields:?}");
         }
+    }
+
+    #[test]
+    fn request_ids_are_added_once_and_kept_when_present() {
+        let mut ids = RequestIds::new();
+        let mut h = HeaderMap::new();
+        let a = ids.ensure(&mut h);
+        assert_eq!(a.len(), 32);
+        assert_eq!(h["x-request-id"], a.as_str());
+        assert_eq!(ids.ensure(&mut h), a, "an existing id is forwarded unchanged");
+        assert_ne!(ids.ensure(&mut HeaderMap::new()), a);
     }
 
     #[test]

@@ -44,29 +44,14 @@ fn is_forwardable(name: &http::HeaderName) -> bool {
 
 /// A response Spooky generates itself (no route, upstream failure): status and a short
 /// plain-text body naming the cause.
-pub fn local_response(
-    status: http::StatusCode,
-    detail: &str,
-) -> (http::response::Parts, bytes::Bytes) {
-    let body = bytes::Bytes::from(format!(
-        "{} {}: {detail}\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("")
-    ));
+pub fn local_response(status: http::StatusCode, detail: &str) -> (http::response::Parts, bytes::Bytes) {
+    let body =
+        bytes::Bytes::from(format!("{} {}: {detail}\n", status.as_u16(), status.canonical_reason().unwrap_or("")));
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
-    parts.headers.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    parts.headers.insert(
-        http::header::CONTENT_LENGTH,
-        http::HeaderValue::from(body.len()),
-    );
-    parts.headers.insert(
-        http::header::SERVER,
-        http::HeaderValue::from_static("spooky"),
-    );
+    parts.headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    parts.headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(body.len()));
+    parts.headers.insert(http::header::SERVER, http::HeaderValue::from_static("spooky"));
     (parts, body)
 }
 
@@ -77,24 +62,14 @@ mod tests {
     fn names(h: &[Header]) -> Vec<(String, String)> {
         use quiche::h3::NameValue;
         h.iter()
-            .map(|h| {
-                (
-                    String::from_utf8_lossy(h.name()).into(),
-                    String::from_utf8_lossy(h.value()).into(),
-                )
-            })
+            .map(|h| (String::from_utf8_lossy(h.name()).into(), String::from_utf8_lossy(h.value()).into()))
             .collect()
     }
 
     #[test]
     fn response_head_drops_connection_fields_and_appends_via() {
-        let mut resp = http::Response::builder()
-            .status(203)
-            .header("x-a", "1")
-            .header("via", "1.1 origin");
-        resp.headers_mut()
-            .unwrap()
-            .insert("keep-alive", http::HeaderValue::from_static("5"));
+        let mut resp = http::Response::builder().status(203).header("x-a", "1").header("via", "1.1 origin");
+        resp.headers_mut().unwrap().insert("keep-alive", http::HeaderValue::from_static("5"));
         let (parts, ()) = resp.body(()).unwrap().into_parts();
         let h = names(&head_to_h3(&parts, "spooky"));
         assert_eq!(h[0], (":status".into(), "203".into()));

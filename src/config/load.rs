@@ -66,12 +66,7 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError>
                 problem = rest.to_string();
             }
         }
-        ConfigError {
-            file: file.to_string(),
-            key: if key == "." { String::new() } else { key },
-            line,
-            problem,
-        }
+        ConfigError { file: file.to_string(), key: if key == "." { String::new() } else { key }, line, problem }
     })?;
     validate(&mut config, base).map_err(|(key, problem)| ConfigError {
         file: file.to_string(),
@@ -96,10 +91,7 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
     }
     if let Workers::Count(n) = c.workers {
         if !(1..=256).contains(&n) {
-            return Err(bad(
-                "workers",
-                format!("must be `auto` or 1..=256, got {n}"),
-            ));
+            return Err(bad("workers", format!("must be `auto` or 1..=256, got {n}")));
         }
     }
     validate_tls(&mut c.tls, base)?;
@@ -108,23 +100,18 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
         ("timeouts.connect", c.timeouts.connect.0),
         ("timeouts.request", c.timeouts.request.0),
         ("timeouts.idle", c.timeouts.idle.0),
+        ("timeouts.drain", c.timeouts.drain.0),
     ] {
         if d.is_zero() {
             return Err(bad(key, "must be greater than zero"));
         }
     }
     if c.headers.via_name.is_empty() || !c.headers.via_name.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(bad(
-            "headers.via_name",
-            "must be a non-empty token without spaces",
-        ));
+        return Err(bad("headers.via_name", "must be a non-empty token without spaces"));
     }
     let h2 = &c.upstream_h2;
     if !(65_535..=(1 << 31) - 1).contains(&h2.stream_window.0) {
-        return Err(bad(
-            "upstream_h2.stream_window",
-            "must be between 65535 and 2^31-1 bytes",
-        ));
+        return Err(bad("upstream_h2.stream_window", "must be between 65535 and 2^31-1 bytes"));
     }
     if !(h2.stream_window.0..=(1 << 31) - 1).contains(&h2.connection_window.0) {
         return Err(bad(
@@ -133,28 +120,19 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
         ));
     }
     if !(16_384..=16_777_215).contains(&h2.max_frame_size.0) {
-        return Err(bad(
-            "upstream_h2.max_frame_size",
-            "must be between 16384 and 16777215 (RFC 9113 §6.5.2)",
-        ));
+        return Err(bad("upstream_h2.max_frame_size", "must be between 16384 and 16777215 (RFC 9113 §6.5.2)"));
     }
     if c.upstreams.is_empty() {
         return Err(bad("upstreams", "at least one upstream pool is required"));
     }
     for (name, pool) in c.upstreams.iter_mut() {
         if pool.backends.is_empty() {
-            return Err(bad(
-                format!("upstreams.{name}.backends"),
-                "a pool needs at least one backend",
-            ));
+            return Err(bad(format!("upstreams.{name}.backends"), "a pool needs at least one backend"));
         }
         for (i, b) in pool.backends.iter_mut().enumerate() {
             let key = format!("upstreams.{name}.backends[{i}]");
             if b.weight == 0 || b.weight > 10_000 {
-                return Err(bad(
-                    format!("{key}.weight"),
-                    format!("must be 1..=10000, got {}", b.weight),
-                ));
+                return Err(bad(format!("{key}.weight"), format!("must be 1..=10000, got {}", b.weight)));
             }
             b.addr = resolve(&b.address).map_err(|p| bad(format!("{key}.address"), p))?;
         }
@@ -168,44 +146,25 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
             let known: Vec<&str> = c.upstreams.keys().map(String::as_str).collect();
             return Err(bad(
                 format!("{key}.upstream"),
-                format!(
-                    "unknown upstream `{}` (defined: {})",
-                    r.upstream,
-                    known.join(", ")
-                ),
+                format!("unknown upstream `{}` (defined: {})", r.upstream, known.join(", ")),
             ));
         }
         if !r.path_prefix.starts_with('/') {
-            return Err(bad(
-                format!("{key}.path_prefix"),
-                format!("must start with `/`, got `{}`", r.path_prefix),
-            ));
+            return Err(bad(format!("{key}.path_prefix"), format!("must start with `/`, got `{}`", r.path_prefix)));
         }
         let host = r.host.strip_prefix("*.").unwrap_or(&r.host);
         let valid_host = r.host == "*"
             || (!host.is_empty()
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':'));
+                && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':'));
         if !valid_host || r.host.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(bad(
                 format!("{key}.host"),
-                format!(
-                    "`{}` is not `*`, a lower-case host name, or `*.suffix`",
-                    r.host
-                ),
+                format!("`{}` is not `*`, a lower-case host name, or `*.suffix`", r.host),
             ));
         }
     }
-    if c.log
-        .level
-        .parse::<tracing_subscriber::EnvFilter>()
-        .is_err()
-    {
-        return Err(bad(
-            "log.level",
-            format!("`{}` is not a valid log filter", c.log.level),
-        ));
+    if c.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+        return Err(bad("log.level", format!("`{}` is not a valid log filter", c.log.level)));
     }
     Ok(())
 }
@@ -219,36 +178,21 @@ fn validate_tls(tls: &mut Tls, base: &Path) -> Result<(), Invalid> {
             }
             return Ok(());
         }
-        (_, _, Some(_)) => {
-            return Err(bad(
-                "tls",
-                "set either `cert` and `key`, or `self_signed`, not both",
-            ))
-        }
+        (_, _, Some(_)) => return Err(bad("tls", "set either `cert` and `key`, or `self_signed`, not both")),
         (Some(_), None, None) => return Err(bad("tls.key", "`cert` is set but `key` is missing")),
         (None, Some(_), None) => return Err(bad("tls.cert", "`key` is set but `cert` is missing")),
-        (None, None, None) => {
-            return Err(bad(
-                "tls",
-                "set `cert` and `key` (PEM files), or `self_signed: [names]`",
-            ))
-        }
+        (None, None, None) => return Err(bad("tls", "set `cert` and `key` (PEM files), or `self_signed: [names]`")),
     }
-    for (key, slot, marker) in [
-        ("tls.cert", &mut tls.cert, "CERTIFICATE-----"),
-        ("tls.key", &mut tls.key, "PRIVATE KEY-----"),
-    ] {
+    for (key, slot, marker) in
+        [("tls.cert", &mut tls.cert, "CERTIFICATE-----"), ("tls.key", &mut tls.key, "PRIVATE KEY-----")]
+    {
         let path: PathBuf = base.join(slot.as_ref().expect("checked above"));
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| bad(key, format!("cannot read `{}`: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| bad(key, format!("cannot read `{}`: {e}", path.display())))?;
         if !text.contains(marker) {
             return Err(bad(
                 key,
-                format!(
-                    "`{}` holds no PEM `{}` block",
-                    path.display(),
-                    marker.trim_end_matches('-')
-                ),
+                format!("`{}` holds no PEM `{}` block", path.display(), marker.trim_end_matches('-')),
             ));
         }
         *slot = Some(path);
@@ -260,10 +204,7 @@ fn validate_quic(q: &Quic) -> Result<(), Invalid> {
     if !(1200..=65_527).contains(&q.max_udp_payload) {
         return Err(bad(
             "quic.max_udp_payload",
-            format!(
-                "must be 1200..=65527 (RFC 9000 §18.2), got {}",
-                q.max_udp_payload
-            ),
+            format!("must be 1200..=65527 (RFC 9000 §18.2), got {}", q.max_udp_payload),
         ));
     }
     if !(1..=1 << 20).contains(&q.max_concurrent_streams) {
@@ -273,10 +214,7 @@ fn validate_quic(q: &Quic) -> Result<(), Invalid> {
         return Err(bad("quic.max_stream_data", "must be between 1KiB and 1GiB"));
     }
     if q.max_data.0 < q.max_stream_data.0 || q.max_data.0 > (1 << 32) {
-        return Err(bad(
-            "quic.max_data",
-            "must be at least quic.max_stream_data and at most 4GiB",
-        ));
+        return Err(bad("quic.max_data", "must be at least quic.max_stream_data and at most 4GiB"));
     }
     if q.max_header_list_size.0 < 1024 {
         return Err(bad("quic.max_header_list_size", "must be at least 1KiB"));
@@ -284,10 +222,7 @@ fn validate_quic(q: &Quic) -> Result<(), Invalid> {
     if !["cubic", "reno", "bbr2"].contains(&q.congestion_control.as_str()) {
         return Err(bad(
             "quic.congestion_control",
-            format!(
-                "unknown algorithm `{}` (use cubic, reno or bbr2)",
-                q.congestion_control
-            ),
+            format!("unknown algorithm `{}` (use cubic, reno or bbr2)", q.congestion_control),
         ));
     }
     Ok(())
@@ -330,10 +265,7 @@ routes:
     #[test]
     fn minimal_config_is_accepted_with_defaults() {
         let c = parse(GOOD, "t.yaml", Path::new(".")).unwrap();
-        assert_eq!(
-            c.upstreams["demo"].backends[0].addr,
-            "127.0.0.1:8081".parse().unwrap()
-        );
+        assert_eq!(c.upstreams["demo"].backends[0].addr, "127.0.0.1:8081".parse().unwrap());
         assert_eq!(c.routes[0].path_prefix, "/");
         assert_eq!(c.quic.max_concurrent_streams, 256);
     }

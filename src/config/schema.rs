@@ -36,6 +36,10 @@ pub struct Config {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub log: Log,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub access_log: AccessLog,
 }
 
 fn yes() -> bool {
@@ -49,17 +53,16 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>
         One(String),
         Many(Vec<String>),
     }
-    let raw = Raw::deserialize(d)
-        .map_err(|_| serde::de::Error::custom("expected an address `IP:PORT` or a list of them"))?;
+    let raw =
+        Raw::deserialize(d).map_err(|_| serde::de::Error::custom("expected an address `IP:PORT` or a list of them"))?;
     let list = match raw {
         Raw::One(s) => vec![s],
         Raw::Many(v) => v,
     };
     list.iter()
         .map(|s| {
-            s.parse::<SocketAddr>().map_err(|_| {
-                serde::de::Error::custom(format!("`{s}` is not an `IP:PORT` socket address"))
-            })
+            s.parse::<SocketAddr>()
+                .map_err(|_| serde::de::Error::custom(format!("`{s}` is not an `IP:PORT` socket address")))
         })
         .collect()
 }
@@ -80,14 +83,10 @@ impl<'de> Deserialize<'de> for Workers {
             Count(usize),
             Text(String),
         }
-        match Raw::deserialize(d)
-            .map_err(|_| serde::de::Error::custom("expected `auto` or a number"))?
-        {
+        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom("expected `auto` or a number"))? {
             Raw::Count(n) => Ok(Workers::Count(n)),
             Raw::Text(t) if t == "auto" => Ok(Workers::Auto),
-            Raw::Text(t) => Err(serde::de::Error::custom(format!(
-                "expected `auto` or a number, got `{t}`"
-            ))),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!("expected `auto` or a number, got `{t}`"))),
         }
     }
 }
@@ -97,9 +96,7 @@ impl Workers {
     pub fn resolve(self) -> usize {
         match self {
             Workers::Count(n) => n,
-            Workers::Auto => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            Workers::Auto => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         }
     }
 }
@@ -159,6 +156,8 @@ pub struct Timeouts {
     pub request: Seconds,
     /// QUIC idle timeout, and the longest an upstream body may stall.
     pub idle: Seconds,
+    /// On SIGTERM/SIGINT: how long in-flight requests may take to finish before connections close.
+    pub drain: Seconds,
 }
 
 impl Default for Timeouts {
@@ -167,6 +166,7 @@ impl Default for Timeouts {
             connect: Seconds(Duration::from_secs(2)),
             request: Seconds(Duration::from_secs(30)),
             idle: Seconds(Duration::from_secs(30)),
+            drain: Seconds(Duration::from_secs(10)),
         }
     }
 }
@@ -183,10 +183,7 @@ pub struct HeaderPolicy {
 
 impl Default for HeaderPolicy {
     fn default() -> Self {
-        HeaderPolicy {
-            x_forwarded_for: ForwardedMode::Overwrite,
-            via_name: "spooky".into(),
-        }
+        HeaderPolicy { x_forwarded_for: ForwardedMode::Overwrite, via_name: "spooky".into() }
     }
 }
 
@@ -263,6 +260,9 @@ fn unspecified() -> SocketAddr {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
+    /// Name used in metrics and access logs (default: `host` + `path_prefix`).
+    #[serde(default)]
+    pub name: Option<String>,
     /// `example.com`, `*.example.com`, or `*` (default) for any host.
     #[serde(default = "any_host")]
     pub host: String,
@@ -290,8 +290,80 @@ pub struct Log {
 
 impl Default for Log {
     fn default() -> Self {
-        Log {
-            level: "info".into(),
+        Log { level: "info".into() }
+    }
+}
+
+impl Route {
+    /// The route's name in metrics and logs.
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| format!("{}{}", self.host, self.path_prefix))
+    }
+}
+
+/// The admin listener (TCP, HTTP/1.1): `/metrics`, `/healthz`, `/readyz`, `/config`, and
+/// `POST /reload` when a token is configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// Address to listen on; `null` disables the admin listener.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token required by state-changing requests; without one, none are accepted.
+    pub token: Option<String>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { listen: Some(SocketAddr::from(([127, 0, 0, 1], 9901))), token: None }
+    }
+}
+
+/// The access log: one line per request, written by a background thread.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLog {
+    /// `off`, `stdout`, `stderr`, or a file path (appended to).
+    pub target: String,
+    /// `json` (one object per line) or `text` (space-separated `field=value`).
+    pub format: AccessLogFormat,
+    /// Fields, in order. Known: time, client, method, authority, path, status, bytes_in,
+    /// bytes_out, route, upstream, upstream_time, total_time, request_id.
+    pub fields: Vec<String>,
+    /// Lines buffered before new ones are dropped (and counted) instead of blocking requests.
+    pub buffer: usize,
+}
+
+/// Every access-log field Spooky knows, in the default order.
+pub const ACCESS_LOG_FIELDS: [&str; 13] = [
+    "time",
+    "client",
+    "method",
+    "authority",
+    "path",
+    "status",
+    "bytes_in",
+    "bytes_out",
+    "route",
+    "upstream",
+    "upstream_time",
+    "total_time",
+    "request_id",
+];
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        AccessLog {
+            target: "off".into(),
+            format: AccessLogFormat::Json,
+            fields: ACCESS_LOG_FIELDS.iter().map(|f| f.to_string()).collect(),
+            buffer: 16_384,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    Json,
+    Text,
 }

@@ -17,17 +17,13 @@ impl<'de> Deserialize<'de> for Seconds {
             Text(String),
         }
         match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom(
-                "expected a duration such as `30s`, `250ms` or a number of seconds",
-            )
+            serde::de::Error::custom("expected a duration such as `30s`, `250ms` or a number of seconds")
         })? {
             Raw::Int(s) => Ok(Seconds(Duration::from_secs(s))),
             Raw::Float(s) if s.is_finite() && s >= 0.0 => Ok(Seconds(Duration::from_secs_f64(s))),
             Raw::Float(s) => Err(serde::de::Error::custom(format!("invalid duration {s}"))),
             Raw::Text(t) => humantime::parse_duration(&t).map(Seconds).map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "invalid duration `{t}`: {e} (write e.g. `30s` or `250ms`)"
-                ))
+                serde::de::Error::custom(format!("invalid duration `{t}`: {e} (write e.g. `30s` or `250ms`)"))
             }),
         }
     }
@@ -43,9 +39,8 @@ impl ByteSize {
         let t = text.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num.parse().map_err(|_| {
-            format!("invalid size `{text}` (write e.g. `65536`, `64KiB` or `1MiB`)")
-        })?;
+        let n: u64 =
+            num.parse().map_err(|_| format!("invalid size `{text}` (write e.g. `65536`, `64KiB` or `1MiB`)"))?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kib" => 1 << 10,
@@ -54,15 +49,9 @@ impl ByteSize {
             "mb" => 1_000_000,
             "g" | "gib" => 1 << 30,
             "gb" => 1_000_000_000,
-            other => {
-                return Err(format!(
-                    "unknown size unit `{other}` in `{text}` (use B, KiB, MiB, GiB, kB, MB, GB)"
-                ))
-            }
+            other => return Err(format!("unknown size unit `{other}` in `{text}` (use B, KiB, MiB, GiB, kB, MB, GB)")),
         };
-        n.checked_mul(mult)
-            .map(ByteSize)
-            .ok_or_else(|| format!("size `{text}` is too large"))
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size `{text}` is too large"))
     }
 }
 
@@ -74,9 +63,7 @@ impl<'de> Deserialize<'de> for ByteSize {
             Int(u64),
             Text(String),
         }
-        match Raw::deserialize(d)
-            .map_err(|_| serde::de::Error::custom("expected a size such as `65536` or `1MiB`"))?
-        {
+        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom("expected a size such as `65536` or `1MiB`"))? {
             Raw::Int(n) => Ok(ByteSize(n)),
             Raw::Text(t) => ByteSize::parse(&t).map_err(serde::de::Error::custom),
         }

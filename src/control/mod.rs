@@ -1,66 +1,255 @@
-//! The control thread: turns a validated [`Config`] into running workers.
+//! The control plane: start-up, configuration reload, graceful drain, admin listener.
 //!
-//! Start-up order matters: TLS material is loaded (or generated) once, then every worker's
-//! sockets are bound here, in worker order, so the kernel's reuseport group index equals the
-//! worker id; only then are worker threads started, each pinned to its core.
+//! - [`snapshot`]: an immutable, validated configuration (+ TLS material) with version and hash.
+//! - [`watch`]: signals (SIGHUP reload, SIGTERM/SIGINT drain) and config-file changes (inotify).
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/config`, `POST /reload` (with a token).
+//!
+//! Start-up order matters: TLS material is loaded once, then every worker's sockets are bound
+//! here, in worker order, so the kernel's reuseport group index equals the worker id; only then
+//! are worker threads started, each pinned to its core. Afterwards the control thread (this
+//! one) owns the configuration: a reload validates the whole file and, only if all of it is
+//! good and nothing needs new sockets, sends the new [`snapshot::Snapshot`] to every worker
+//! over its channel. Sockets are never closed or rebound while Spooky runs.
 
-use crate::bridge::exchange::Notifier;
-use crate::config::Config;
-use crate::edge::cid::CidGenerator;
+pub mod admin;
+pub mod snapshot;
+mod watch;
+
 use crate::edge::socket::{bind_reuseport, EdgeSocket};
-use crate::edge::tls::{self, TlsMaterial};
 use crate::edge::worker::{Worker, WorkerCtx};
-use crate::route::Router;
-use crate::transport::Upstreams;
+use crate::telemetry::{access_log, metrics as telemetry_metrics};
 use anyhow::Context as _;
+use crossbeam_channel::{Receiver, Sender};
+use snapshot::{Snapshot, Source};
 use std::net::{SocketAddr, UdpSocket};
-use std::rc::Rc;
-use std::sync::Arc;
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-/// Starts the workers and blocks while they run.
-pub fn run(config: Config) -> anyhow::Result<()> {
-    let config = Arc::new(config);
+/// What the control thread reacts to.
+pub enum Event {
+    /// Reload the configuration file; `reply` gets the new version or why it was refused.
+    Reload { reason: &'static str, reply: Option<Sender<Result<u64, String>>> },
+    /// SIGTERM/SIGINT: drain; a second one exits at once.
+    Shutdown,
+    /// A worker thread ended (after draining, or by failing).
+    WorkerExited { id: usize, error: Option<String> },
+}
+
+/// What the control thread tells a worker.
+pub enum ToWorker {
+    /// Use this snapshot for everything new.
+    Apply(Arc<Snapshot>),
+    /// Stop accepting, send GOAWAY, finish in-flight requests, close by `deadline`.
+    Drain { deadline: Instant },
+}
+
+/// A worker's receiving end before it runs: the channel, and a datagram socket whose
+/// readability wakes the worker's event loop (a crossbeam channel cannot wake an io_uring loop).
+pub struct Inbox {
+    rx: Receiver<ToWorker>,
+    wake_io: UnixDatagram,
+}
+
+impl Inbox {
+    /// Registers the wake-up socket with the worker's runtime.
+    fn attach(self) -> std::io::Result<AttachedInbox> {
+        let wake = monoio::net::unix::UnixDatagram::from_std(self.wake_io.try_clone()?)?;
+        Ok(AttachedInbox { rx: self.rx, wake_io: self.wake_io, wake })
+    }
+}
+
+/// A worker's inbox on its runtime.
+pub struct AttachedInbox {
+    pub rx: Receiver<ToWorker>,
+    wake_io: UnixDatagram,
+    wake: monoio::net::unix::UnixDatagram,
+}
+
+impl AttachedInbox {
+    /// Resolves when the control thread has sent something.
+    pub async fn wakeup(&self) {
+        let _ = self.wake.readable(false).await;
+    }
+
+    /// Consumes pending wake-up bytes (the messages themselves are in `rx`).
+    pub fn clear_wakeups(&self) {
+        let mut b = [0u8; 64];
+        while self.wake_io.recv(&mut b).is_ok() {}
+    }
+}
+
+/// The control thread's end of one worker's inbox.
+struct WorkerLink {
+    tx: Sender<ToWorker>,
+    wake: UnixDatagram,
+}
+
+impl WorkerLink {
+    fn send(&self, msg: ToWorker) {
+        if self.tx.send(msg).is_ok() {
+            // A full wake-up socket already has a wake-up pending: ignore WouldBlock.
+            let _ = self.wake.send(&[1]);
+        }
+    }
+}
+
+/// Runs Spooky on `first` until a drain completes (or a worker fails).
+pub fn run(first: Snapshot) -> anyhow::Result<()> {
+    let metrics = telemetry_metrics::install()?;
+    let first = Arc::new(first);
+    let config = first.config.clone();
     let workers = config.workers.resolve();
-    let tls = TlsMaterial::load(&config)?;
     let sockets = bind_all(&config.listen, workers)?;
-    let listen: Vec<SocketAddr> = sockets[0]
-        .iter()
-        .map(|s| s.local_addr())
-        .collect::<Result<_, _>>()?;
+    let listen: Vec<SocketAddr> = sockets[0].iter().map(|s| s.local_addr()).collect::<Result<_, _>>()?;
+    let logger = access_log::start(&config.access_log);
+    let (events_tx, events_rx) = crossbeam_channel::unbounded::<Event>();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<anyhow::Result<()>>(workers);
+    let mut links = Vec::with_capacity(workers);
     let mut threads = Vec::with_capacity(workers);
     for (id, socks) in sockets.into_iter().enumerate() {
-        let config = config.clone();
-        let tls = tls.clone();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (wake, wake_io) = UnixDatagram::pair()?;
+        wake.set_nonblocking(true)?;
+        wake_io.set_nonblocking(true)?;
+        links.push(WorkerLink { tx, wake });
+        let inbox = Inbox { rx, wake_io };
+        let snap = first.clone();
+        let logger = logger.clone();
         let ready = ready_tx.clone();
+        let exited = events_tx.clone();
         let core = (config.pin_workers && !cores.is_empty()).then(|| cores[id % cores.len()]);
-        let t = std::thread::Builder::new()
-            .name(format!("spooky-w{id}"))
-            .spawn(move || {
-                if let Some(core) = core {
-                    if !core_affinity::set_for_current(core) {
-                        tracing::warn!(worker = id, "could not pin to core {}", core.id);
-                    }
+        threads.push(std::thread::Builder::new().name(format!("spooky-w{id}")).spawn(move || {
+            if let Some(core) = core {
+                if !core_affinity::set_for_current(core) {
+                    tracing::warn!(worker = id, "could not pin to core {}", core.id);
                 }
-                run_worker(id, socks, &config, &tls, ready)
-            })?;
-        threads.push(t);
+            }
+            let run = std::panic::AssertUnwindSafe(|| run_worker(id, socks, inbox, &snap, logger, ready));
+            let error = match std::panic::catch_unwind(run) {
+                Ok(result) => result.err().map(|e| format!("{e:#}")),
+                Err(_) => Some("panicked".to_string()),
+            };
+            let _ = exited.send(Event::WorkerExited { id, error });
+        })?);
     }
     drop(ready_tx);
     for _ in 0..workers {
-        ready_rx
-            .recv()
-            .context("a worker exited during start-up")??;
+        ready_rx.recv().context("a worker exited during start-up")??;
     }
-    let addrs: Vec<String> = listen.iter().map(ToString::to_string).collect();
-    tracing::info!(workers, listen = %addrs.join(","), "spooky ready");
-    for t in threads {
-        if let Ok(Err(e)) = t.join() {
-            return Err(e);
+    let admin_state = Arc::new(admin::AdminState {
+        current: Mutex::new(first.clone()),
+        ready: false.into(),
+        draining: false.into(),
+        metrics,
+        events: events_tx.clone(),
+    });
+    let admin_addr = match config.admin.listen {
+        Some(addr) => Some(admin::start(addr, admin_state.clone())?),
+        None => None,
+    };
+    watch::signals(events_tx.clone())?;
+    if let Source::File(path) = &first.source {
+        if let Err(e) = watch::config_file(path, events_tx.clone()) {
+            tracing::warn!(error = %e, "cannot watch the configuration file; SIGHUP still reloads");
         }
     }
+    admin_state.ready.store(true, Ordering::Relaxed);
+    ::metrics::gauge!("spooky_config_version").set(first.version as f64);
+    let addrs: Vec<String> = listen.iter().map(ToString::to_string).collect();
+    let admin_text = admin_addr.map_or("off".to_string(), |a| a.to_string());
+    tracing::info!(workers, listen = %addrs.join(","), admin = %admin_text, version = first.version,
+        hash = %first.hash, "spooky ready");
+
+    let mut control = Control { links, admin: admin_state, current: first, draining: false };
+    let mut running = workers;
+    while running > 0 {
+        match events_rx.recv().expect("the control thread holds a sender") {
+            Event::Reload { reason, reply } => {
+                let result = control.reload(reason);
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            Event::Shutdown if control.draining => {
+                tracing::warn!("second signal: exiting without waiting for in-flight requests");
+                std::process::exit(1);
+            }
+            Event::Shutdown => control.drain(),
+            Event::WorkerExited { id, error } => {
+                running -= 1;
+                if let Some(e) = error {
+                    anyhow::bail!("worker {id} failed: {e}");
+                }
+                if !control.draining {
+                    anyhow::bail!("worker {id} stopped unexpectedly");
+                }
+            }
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// The control thread's state after start-up.
+struct Control {
+    links: Vec<WorkerLink>,
+    admin: Arc<admin::AdminState>,
+    current: Arc<Snapshot>,
+    draining: bool,
+}
+
+impl Control {
+    /// Loads, validates and broadcasts the configuration file; on any problem the running
+    /// configuration stays, untouched.
+    fn reload(&mut self, reason: &str) -> Result<u64, String> {
+        if matches!(self.current.source, Source::Embedded) {
+            return Err("running on the embedded default configuration: there is no file to reload".into());
+        }
+        let next = match Snapshot::load(&self.current.source, self.current.version + 1) {
+            Ok(s) => s,
+            Err(why) => {
+                ::metrics::counter!("spooky_reloads_total", "result" => "invalid").increment(1);
+                tracing::error!(reason, %why, "reload rejected; the running configuration stays");
+                return Err(why);
+            }
+        };
+        if next.hash == self.current.hash {
+            tracing::debug!(reason, "configuration unchanged");
+            return Ok(self.current.version);
+        }
+        if let Some(why) = self.current.restart_needed(&next) {
+            ::metrics::counter!("spooky_reloads_total", "result" => "restart_required").increment(1);
+            tracing::warn!(reason, %why, "reload not applied: this change needs a restart");
+            return Err(format!("{why}; nothing was applied"));
+        }
+        let next = Arc::new(next);
+        for link in &self.links {
+            link.send(ToWorker::Apply(next.clone()));
+        }
+        *self.admin.current.lock().expect("not poisoned") = next.clone();
+        ::metrics::counter!("spooky_reloads_total", "result" => "ok").increment(1);
+        ::metrics::gauge!("spooky_config_version").set(next.version as f64);
+        tracing::info!(reason, version = next.version, hash = %next.hash, "configuration reloaded");
+        self.current = next;
+        Ok(self.current.version)
+    }
+
+    fn drain(&mut self) {
+        self.draining = true;
+        self.admin.draining.store(true, Ordering::Relaxed);
+        let timeout = self.current.config.timeouts.drain.0;
+        tracing::info!(?timeout, "draining: no new connections, GOAWAY sent, waiting for in-flight requests");
+        let deadline = Instant::now() + timeout;
+        for link in &self.links {
+            link.send(ToWorker::Drain { deadline });
+        }
+    }
 }
 
 /// Binds one socket per listen address for every worker. Port 0 is resolved by the first bind
@@ -83,21 +272,17 @@ fn bind_all(listen: &[SocketAddr], workers: usize) -> anyhow::Result<Vec<Vec<Udp
 fn run_worker(
     id: usize,
     sockets: Vec<UdpSocket>,
-    config: &Config,
-    tls: &TlsMaterial,
-    ready: crossbeam_channel::Sender<anyhow::Result<()>>,
+    inbox: Inbox,
+    snap: &Snapshot,
+    logger: access_log::AccessLogger,
+    ready: Sender<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    let setup = || -> anyhow::Result<_> {
-        let quic = tls::quic_config(config, tls)?;
-        let h3_config = tls::h3_config(config)?;
-        let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-            .enable_timer()
-            .build()
-            .context("building the worker runtime")?;
-        Ok((quic, h3_config, runtime))
-    };
-    let (quic, h3_config, mut runtime) = match setup() {
-        Ok(v) => v,
+    let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .context("building the worker runtime");
+    let mut runtime = match runtime {
+        Ok(r) => r,
         Err(e) => {
             let msg = format!("worker {id}: {e:#}");
             let _ = ready.send(Err(e));
@@ -106,38 +291,29 @@ fn run_worker(
     };
     match &runtime {
         monoio::FusionRuntime::Uring(_) => tracing::debug!(worker = id, "io_uring driver"),
-        monoio::FusionRuntime::Legacy(_) => {
-            if id == 0 {
-                tracing::warn!("io_uring unavailable; workers use the epoll driver");
-            }
+        monoio::FusionRuntime::Legacy(_) if id == 0 => {
+            tracing::warn!("io_uring unavailable; workers use the epoll driver")
         }
+        monoio::FusionRuntime::Legacy(_) => {}
     }
     runtime.block_on(async move {
-        let upstreams = Rc::new(Upstreams::new(config));
-        let router = Router::new(&config.routes, |name| upstreams.pool_index(name));
-        let ctx = WorkerCtx {
-            h3_config,
-            notifier: Rc::new(Notifier::default()),
-            router,
-            upstreams,
-            header_policy: config.headers.clone(),
+        let setup = || -> anyhow::Result<Worker> {
+            let sockets = sockets.into_iter().map(EdgeSocket::new).collect::<Result<Vec<_>, _>>()?;
+            let inbox = inbox.attach()?;
+            let ctx = WorkerCtx::new(id, snap, logger, None)?;
+            Worker::new(id, sockets, snap, ctx, inbox)
         };
-        let sockets = sockets
-            .into_iter()
-            .map(EdgeSocket::new)
-            .collect::<Result<Vec<_>, _>>();
-        let sockets = match sockets {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = ready.send(Err(anyhow::anyhow!(
-                    "worker {id}: registering sockets: {e}"
-                )));
-                return;
+        match setup() {
+            Ok(worker) => {
+                let _ = ready.send(Ok(()));
+                worker.run().await;
+                Ok(())
             }
-        };
-        let worker = Worker::new(id, sockets, quic, ctx, CidGenerator::new(0, 0, id as u8));
-        let _ = ready.send(Ok(()));
-        worker.run().await;
-    });
-    Ok(())
+            Err(e) => {
+                let msg = format!("worker {id}: {e:#}");
+                let _ = ready.send(Err(e));
+                anyhow::bail!(msg)
+            }
+        }
+    })
 }

@@ -30,12 +30,7 @@ impl CidGenerator {
         assert!(rotation < 7, "rotation 7 is reserved");
         let sid = server_id.to_be_bytes();
         CidGenerator {
-            prefix: [
-                (rotation << 5) | (CID_LEN as u8 - 1),
-                sid[0],
-                sid[1],
-                worker,
-            ],
+            prefix: [(rotation << 5) | (CID_LEN as u8 - 1), sid[0], sid[1], worker],
             rng: SystemRandom::new(),
         }
     }
@@ -43,17 +38,14 @@ impl CidGenerator {
     pub fn generate(&self) -> [u8; CID_LEN] {
         let mut cid = [0u8; CID_LEN];
         cid[..4].copy_from_slice(&self.prefix);
-        self.rng
-            .fill(&mut cid[4..])
-            .expect("the OS random source works");
+        self.rng.fill(&mut cid[4..]).expect("the OS random source works");
         cid
     }
 }
 
 /// The worker id inside a CID Spooky issued, if `dcid` has Spooky's layout.
 pub fn worker_of(dcid: &[u8]) -> Option<u8> {
-    (dcid.len() == CID_LEN && usize::from(dcid[0] & 0x1f) == CID_LEN - 1)
-        .then(|| dcid[WORKER_OFFSET])
+    (dcid.len() == CID_LEN && usize::from(dcid[0] & 0x1f) == CID_LEN - 1).then(|| dcid[WORKER_OFFSET])
 }
 
 #[cfg(test)]

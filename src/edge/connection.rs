@@ -4,20 +4,27 @@
 //! `quiche` (handles HTTP/3 events and retries streams that were blocked on QUIC flow control),
 //! [`Connection::on_exchange_news`] when an upstream task has news for a stream. Both only
 //! queue data in `quiche`; the worker flushes packets afterwards.
+//!
+//! Every stream leaves through [`Connection::finish_stream`], which records its metrics and
+//! access-log line exactly once.
 
 use super::worker::WorkerCtx;
 use crate::bridge::exchange::{Exchange, Failure, SharedExchange, StreamKey};
 use crate::bridge::{h3_error, request, response};
+use crate::telemetry::access_log::Record;
+use crate::telemetry::metrics::RouteMetrics;
 use crate::transport::forward::{self, Outbound};
 use bytes::{BufMut, Bytes, BytesMut};
 use quiche::h3::{self, NameValue};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 /// Largest piece of request body read from QUIC at once.
 const READ_CHUNK: usize = 64 * 1024;
+/// H3_REQUEST_REJECTED: the request was not processed (RFC 9114 §8.1), safe to retry.
+const REQUEST_REJECTED: u64 = 0x10b;
 
 pub struct Connection {
     pub handle: u64,
@@ -39,6 +46,13 @@ pub struct Connection {
     via_name: Rc<str>,
     /// Request body is read here and split off, so a small read does not pin a large buffer.
     read_buf: BytesMut,
+    /// Highest request stream id seen, for GOAWAY.
+    max_stream_seen: Option<u64>,
+    /// Set once GOAWAY was sent: streams at or above this id are refused.
+    goaway_id: Option<u64>,
+    /// Streams whose response is complete on our side but may not be acknowledged yet;
+    /// closing the connection before quiche collects them would cut their tails off.
+    finished: Vec<u64>,
 }
 
 /// Edge-side state of one request stream.
@@ -54,6 +68,21 @@ struct RequestStream {
     /// Part of a response chunk QUIC did not accept yet.
     pending: Option<Bytes>,
     is_blocked: bool,
+    status: u16,
+    bytes_out: u64,
+    started: Instant,
+    /// Metric handles of the route this request matched (from the snapshot it started on).
+    route: Rc<RouteMetrics>,
+    /// Details for the access log, kept only when it is enabled.
+    log: Option<Box<LogInfo>>,
+}
+
+struct LogInfo {
+    time: SystemTime,
+    method: String,
+    authority: String,
+    path: String,
+    request_id: String,
 }
 
 /// Where a stream stands after driving it.
@@ -66,14 +95,16 @@ enum Drive {
     Done,
 }
 
+/// How a stream ended.
+enum End {
+    /// The response was sent completely.
+    Complete,
+    /// The stream was reset, by Spooky or by the client.
+    Reset,
+}
+
 impl Connection {
-    pub fn new(
-        handle: u64,
-        quic: quiche::Connection,
-        peer: SocketAddr,
-        socket: usize,
-        via_name: Rc<str>,
-    ) -> Self {
+    pub fn new(handle: u64, quic: quiche::Connection, peer: SocketAddr, socket: usize, via_name: Rc<str>) -> Self {
         Connection {
             handle,
             quic,
@@ -87,6 +118,9 @@ impl Connection {
             dirty: false,
             via_name,
             read_buf: BytesMut::new(),
+            max_stream_seen: None,
+            goaway_id: None,
+            finished: Vec::new(),
         }
     }
 
@@ -99,12 +133,13 @@ impl Connection {
     pub fn on_input(&mut self, ctx: &WorkerCtx) {
         if self.h3.is_none() && (self.quic.is_established() || self.quic.is_in_early_data()) {
             match h3::Connection::with_transport(&mut self.quic, &ctx.h3_config) {
-                Ok(h3) => self.h3 = Some(h3),
+                Ok(h3) => {
+                    self.h3 = Some(h3);
+                    ctx.metrics.handshakes.increment(1);
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "HTTP/3 setup failed");
-                    let _ =
-                        self.quic
-                            .close(true, h3::WireErrorCode::InternalError as u64, b"h3 setup");
+                    let _ = self.quic.close(true, h3::WireErrorCode::InternalError as u64, b"h3 setup");
                     return;
                 }
             }
@@ -118,7 +153,7 @@ impl Connection {
             if let Some(st) = self.streams.get_mut(&sid) {
                 st.is_blocked = false;
             }
-            self.drive(sid);
+            self.drive(ctx, sid);
         }
     }
 
@@ -126,23 +161,73 @@ impl Connection {
     pub fn on_exchange_news(&mut self, ctx: &WorkerCtx, stream: u64) {
         if let Some(st) = self.streams.get(&stream) {
             st.exchange.borrow().take_notification();
-            self.drive(stream);
+            self.drive(ctx, stream);
             // Reading body may have surfaced events (end of stream, trailers) that quiche
             // reports only through `poll`.
             self.poll_h3(ctx);
         }
     }
 
-    /// Cancels every exchange (the connection is gone).
-    pub fn cancel_all(&mut self) {
-        for (_, st) in self.streams.drain() {
-            st.exchange.borrow_mut().cancel();
+    /// Starts a graceful close: HTTP/3 GOAWAY, so the client sends no new requests here.
+    /// Connections still handshaking are closed at once.
+    pub fn start_drain(&mut self) {
+        match self.h3.as_mut() {
+            Some(h3) => {
+                let id = self.max_stream_seen.map_or(0, |m| m + 4);
+                if h3.send_goaway(&mut self.quic, id).is_ok() {
+                    self.goaway_id = Some(id);
+                }
+            }
+            None => {
+                let _ = self.quic.close(true, h3_error::NO_ERROR, b"shutting down");
+            }
+        }
+    }
+
+    /// Closes with H3_NO_ERROR once no request is in flight and every response was delivered
+    /// (or at once when `force`).
+    pub fn close_if_idle(&mut self, ctx: &WorkerCtx, force: bool) {
+        if force {
+            self.cancel_all(ctx);
+        } else {
+            self.forget_delivered();
+            if !self.streams.is_empty() || !self.finished.is_empty() {
+                return;
+            }
+        }
+        if !self.quic.is_draining() {
+            let _ = self.quic.close(true, h3_error::NO_ERROR, b"");
+        }
+    }
+
+    /// Drops from `finished` the streams quiche has collected (all data acknowledged).
+    fn forget_delivered(&mut self) {
+        let quic = &mut self.quic;
+        self.finished.retain(|&sid| !matches!(quic.stream_capacity(sid), Err(quiche::Error::InvalidStreamState(_))));
+    }
+
+    /// Ends every stream (the connection is gone).
+    pub fn cancel_all(&mut self, ctx: &WorkerCtx) {
+        let sids: Vec<u64> = self.streams.keys().copied().collect();
+        for sid in sids {
+            self.finish_stream(ctx, sid, End::Reset);
+        }
+    }
+
+    /// Records what QUIC saw on this connection, when it closes.
+    pub fn record_path_stats(&self, ctx: &WorkerCtx) {
+        let stats = self.quic.stats();
+        ctx.metrics.quic_lost.increment(stats.lost as u64);
+        ctx.metrics.quic_retransmitted.increment(stats.retrans as u64);
+        if let Some(path) = self.quic.path_stats().next() {
+            ctx.metrics.quic_rtt.record(path.rtt.as_secs_f64());
+            ctx.metrics.quic_cwnd.record(path.cwnd as f64);
         }
     }
 
     fn poll_h3(&mut self, ctx: &WorkerCtx) {
         loop {
-            let h3 = self.h3.as_mut().expect("checked by caller");
+            let Some(h3) = self.h3.as_mut() else { return };
             let (sid, event) = match h3.poll(&mut self.quic) {
                 Ok(v) => v,
                 Err(h3::Error::Done) => return,
@@ -156,7 +241,7 @@ impl Connection {
             match event {
                 h3::Event::Headers { list, more_frames } => {
                     if self.streams.contains_key(&sid) {
-                        self.on_trailers(sid, &list);
+                        self.on_trailers(ctx, sid, &list);
                     } else {
                         self.on_request(ctx, sid, &list, more_frames);
                     }
@@ -164,19 +249,15 @@ impl Connection {
                 h3::Event::Data => {
                     if let Some(st) = self.streams.get_mut(&sid) {
                         st.readable = true;
-                        self.drive(sid);
+                        self.drive(ctx, sid);
                     }
                 }
-                h3::Event::Finished => self.on_request_finished(sid),
+                h3::Event::Finished => self.on_request_finished(ctx, sid),
                 h3::Event::Reset(code) => {
                     tracing::debug!(sid, code, "client reset request stream");
-                    if let Some(st) = self.streams.remove(&sid) {
-                        st.exchange.borrow_mut().cancel();
-                        let _ = self.quic.stream_shutdown(
-                            sid,
-                            quiche::Shutdown::Write,
-                            h3_error::REQUEST_CANCELLED,
-                        );
+                    if self.streams.contains_key(&sid) {
+                        let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Write, h3_error::REQUEST_CANCELLED);
+                        self.finish_stream(ctx, sid, End::Reset);
                     }
                 }
                 h3::Event::PriorityUpdate | h3::Event::GoAway => {}
@@ -185,45 +266,51 @@ impl Connection {
     }
 
     fn on_request(&mut self, ctx: &WorkerCtx, sid: u64, list: &[h3::Header], more_frames: bool) {
-        let head = match request::parse_head(list.iter().map(|h| (h.name(), h.value()))) {
+        self.max_stream_seen = self.max_stream_seen.max(Some(sid));
+        if self.goaway_id.is_some_and(|g| sid >= g) {
+            let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Read, REQUEST_REJECTED);
+            let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Write, REQUEST_REJECTED);
+            return;
+        }
+        let mut head = match request::parse_head(list.iter().map(|h| (h.name(), h.value()))) {
             Ok(h) => h,
-            Err(e) => return self.reject_malformed(sid, e),
+            Err(e) => return self.reject_unregistered(ctx, sid, e),
         };
-        metrics::counter!("spooky_requests_total").increment(1);
-        let key = StreamKey {
-            conn: self.handle,
-            stream: sid,
-        };
+        let request_id = ctx.request_ids.borrow_mut().ensure(&mut head.headers);
+        let log = ctx.access_log.enabled().then(|| {
+            Box::new(LogInfo {
+                time: SystemTime::now(),
+                method: head.method.to_string(),
+                authority: head.authority.clone(),
+                path: head.path.clone(),
+                request_id,
+            })
+        });
+        let key = StreamKey { conn: self.handle, stream: sid };
         let exchange = Exchange::new(key, ctx.notifier.clone());
         let content_length = head.content_length;
+        let mut route = ctx.unrouted_metrics.clone();
         if head.method == http::Method::CONNECT {
-            exchange.borrow_mut().respond_locally(
-                http::StatusCode::METHOD_NOT_ALLOWED,
-                "CONNECT is not supported",
-            );
+            exchange.borrow_mut().respond_locally(http::StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
         } else {
             match ctx.router.route(&head.authority, &head.path) {
-                None => exchange
-                    .borrow_mut()
-                    .respond_locally(http::StatusCode::NOT_FOUND, "no route matches"),
-                Some(pool) => {
+                None => exchange.borrow_mut().respond_locally(http::StatusCode::NOT_FOUND, "no route matches"),
+                Some(m) => {
+                    route = ctx.route_metrics[m.route].clone();
                     let out = Outbound {
                         request: request::to_upstream(head, self.peer, &ctx.header_policy),
                         has_body: more_frames,
-                        pool,
+                        pool: m.pool,
                         client: self.peer,
                     };
-                    monoio::spawn(forward::forward(
-                        ctx.upstreams.clone(),
-                        exchange.clone(),
-                        out,
-                    ));
+                    monoio::spawn(forward::forward(ctx.upstreams.clone(), exchange.clone(), out));
                 }
             }
         }
         if !more_frames {
             exchange.borrow_mut().finish_request(None);
         }
+        ctx.metrics.streams_active.increment(1.0);
         self.streams.insert(
             sid,
             RequestStream {
@@ -235,67 +322,63 @@ impl Connection {
                 head_sent: false,
                 pending: None,
                 is_blocked: false,
+                status: 0,
+                bytes_out: 0,
+                started: Instant::now(),
+                route,
+                log,
             },
         );
         if !more_frames && content_length.is_some_and(|n| n > 0) {
-            return self.reject_malformed(
-                sid,
-                request::Malformed("content-length does not match the body"),
-            );
+            return self.reject_malformed(ctx, sid, request::Malformed("content-length does not match the body"));
         }
-        self.drive(sid);
+        self.drive(ctx, sid);
     }
 
-    fn on_trailers(&mut self, sid: u64, list: &[h3::Header]) {
+    fn on_trailers(&mut self, ctx: &WorkerCtx, sid: u64, list: &[h3::Header]) {
         match request::parse_trailers(list.iter().map(|h| (h.name(), h.value()))) {
             Ok(t) => {
                 let st = self.streams.get_mut(&sid).expect("caller checked");
                 st.exchange.borrow_mut().finish_request(Some(t));
             }
-            Err(e) => self.reject_malformed(sid, e),
+            Err(e) => self.reject_malformed(ctx, sid, e),
         }
     }
 
-    fn on_request_finished(&mut self, sid: u64) {
-        let Some(st) = self.streams.get_mut(&sid) else {
-            return;
-        };
+    fn on_request_finished(&mut self, ctx: &WorkerCtx, sid: u64) {
+        let Some(st) = self.streams.get_mut(&sid) else { return };
         if st.recv_done {
             return;
         }
         st.recv_done = true;
         if st.content_length.is_some_and(|n| n != st.body_received) {
-            return self.reject_malformed(
-                sid,
-                request::Malformed("content-length does not match the body"),
-            );
+            return self.reject_malformed(ctx, sid, request::Malformed("content-length does not match the body"));
         }
         st.exchange.borrow_mut().finish_request(None);
-        self.drive(sid);
+        self.drive(ctx, sid);
     }
 
     /// RFC 9114 §4.1.2: a malformed request is a stream error of type H3_MESSAGE_ERROR.
-    fn reject_malformed(&mut self, sid: u64, why: request::Malformed) {
-        tracing::debug!(sid, %why, "rejecting malformed request");
-        metrics::counter!("spooky_malformed_requests_total").increment(1);
-        if let Some(st) = self.streams.remove(&sid) {
-            st.exchange.borrow_mut().cancel();
-        }
-        let _ = self
-            .quic
-            .stream_shutdown(sid, quiche::Shutdown::Read, h3_error::MESSAGE_ERROR);
-        let _ = self
-            .quic
-            .stream_shutdown(sid, quiche::Shutdown::Write, h3_error::MESSAGE_ERROR);
+    fn reject_malformed(&mut self, ctx: &WorkerCtx, sid: u64, why: request::Malformed) {
+        self.reject_unregistered(ctx, sid, why);
+        self.finish_stream(ctx, sid, End::Reset);
     }
 
-    /// Moves whatever can move on stream `sid` in both directions; removes it when finished.
-    fn drive(&mut self, sid: u64) {
+    /// Resets a stream as malformed (before or after it was registered).
+    fn reject_unregistered(&mut self, ctx: &WorkerCtx, sid: u64, why: request::Malformed) {
+        tracing::debug!(sid, %why, "rejecting malformed request");
+        ctx.metrics.malformed_requests.increment(1);
+        let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Read, h3_error::MESSAGE_ERROR);
+        let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Write, h3_error::MESSAGE_ERROR);
+    }
+
+    /// Moves whatever can move on stream `sid` in both directions; finishes it when done.
+    fn drive(&mut self, ctx: &WorkerCtx, sid: u64) {
         let outcome = match self.streams.get_mut(&sid) {
             Some(st) => {
                 let h3 = self.h3.as_mut().expect("streams exist only with HTTP/3");
                 match read_request_body(&mut self.quic, h3, sid, st, &mut self.read_buf) {
-                    Err(why) => return self.reject_malformed(sid, why),
+                    Err(why) => return self.reject_malformed(ctx, sid, why),
                     Ok(()) => write_response(&mut self.quic, h3, sid, st, &self.via_name),
                 }
             }
@@ -311,32 +394,61 @@ impl Connection {
                 }
             }
             Ok(Drive::Done) => {
-                let st = self.streams.remove(&sid).expect("still present");
-                if !st.recv_done {
+                if !self.streams[&sid].recv_done {
                     // The response is complete; the rest of the request is not needed
                     // (RFC 9114 §4.1: abort reading with H3_NO_ERROR).
-                    let _ =
-                        self.quic
-                            .stream_shutdown(sid, quiche::Shutdown::Read, h3_error::NO_ERROR);
+                    let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Read, h3_error::NO_ERROR);
                 }
-                st.exchange.borrow_mut().cancel();
+                self.finish_stream(ctx, sid, End::Complete);
             }
             Err(code) => {
-                let st = self.streams.remove(&sid).expect("still present");
-                st.exchange.borrow_mut().cancel();
                 if let Some(code) = code {
-                    let _ = self
-                        .quic
-                        .stream_shutdown(sid, quiche::Shutdown::Write, code);
-                    if !st.recv_done {
-                        let _ = self.quic.stream_shutdown(
-                            sid,
-                            quiche::Shutdown::Read,
-                            h3_error::REQUEST_CANCELLED,
-                        );
+                    let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Write, code);
+                    if !self.streams[&sid].recv_done {
+                        let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Read, h3_error::REQUEST_CANCELLED);
                     }
                 }
+                self.finish_stream(ctx, sid, End::Reset);
             }
+        }
+    }
+
+    /// Removes a stream, releases its upstream side, and records its metrics and log line.
+    fn finish_stream(&mut self, ctx: &WorkerCtx, sid: u64, end: End) {
+        let Some(st) = self.streams.remove(&sid) else { return };
+        self.finished.push(sid);
+        if self.finished.len() > 64 {
+            self.forget_delivered();
+        }
+        let (upstream, upstream_time) = {
+            let mut ex = st.exchange.borrow_mut();
+            ex.cancel();
+            (ex.upstream, ex.upstream_time)
+        };
+        ctx.metrics.streams_active.decrement(1.0);
+        let status = match end {
+            End::Complete => Some(st.status),
+            End::Reset => None,
+        };
+        let total = st.started.elapsed();
+        st.route.finished(status, total, upstream_time);
+        if let Some(info) = st.log {
+            let LogInfo { time, method, authority, path, request_id } = *info;
+            ctx.access_log.log(Record {
+                time,
+                client: self.peer,
+                method,
+                authority,
+                path,
+                status: status.unwrap_or(0),
+                bytes_in: st.body_received,
+                bytes_out: st.bytes_out,
+                route: st.route.name.clone(),
+                upstream,
+                upstream_time,
+                total_time: total,
+                request_id,
+            });
         }
     }
 }
@@ -398,9 +510,7 @@ fn write_response(
         return Err(Some(code));
     }
     if !st.head_sent {
-        let Some(head) = ex.resp_head.as_ref() else {
-            return Ok(Drive::Waiting);
-        };
+        let Some(head) = ex.resp_head.as_ref() else { return Ok(Drive::Waiting) };
         let fin = ex.resp_end && ex.resp_chunks.is_empty() && ex.resp_trailers.is_none();
         let headers = response::head_to_h3(head, via);
         match h3.send_response(quic, sid, &headers, fin) {
@@ -409,9 +519,8 @@ fn write_response(
             Err(e) => return Err(stream_gone(e)),
         }
         st.head_sent = true;
+        st.status = head.status.as_u16();
         ex.resp_head = None;
-        metrics::counter!("spooky_responses_total", "class" => status_class(headers[0].value()))
-            .increment(1);
         if fin {
             return Ok(Drive::Done);
         }
@@ -428,6 +537,7 @@ fn write_response(
         match h3.send_body(quic, sid, &chunk, fin) {
             Ok(n) => {
                 ex.consumed_response(n);
+                st.bytes_out += n as u64;
                 if n < chunk.len() {
                     st.pending = Some(chunk.slice(n..));
                     return Ok(Drive::Blocked);
@@ -465,15 +575,5 @@ fn stream_gone(e: h3::Error) -> Option<u64> {
             tracing::debug!(error = %other, "writing response failed");
             Some(h3_error::INTERNAL_ERROR)
         }
-    }
-}
-
-fn status_class(status: &[u8]) -> &'static str {
-    match status.first() {
-        Some(b'1') => "1xx",
-        Some(b'2') => "2xx",
-        Some(b'3') => "3xx",
-        Some(b'4') => "4xx",
-        _ => "5xx",
     }
 }

@@ -18,49 +18,34 @@ impl TlsMaterial {
     pub fn load(config: &Config) -> anyhow::Result<Self> {
         let tls = &config.tls;
         if let Some(names) = &tls.self_signed {
-            let ck = rcgen::generate_simple_self_signed(names.clone())
-                .context("generating a self-signed certificate")?;
+            let ck =
+                rcgen::generate_simple_self_signed(names.clone()).context("generating a self-signed certificate")?;
             return Ok(TlsMaterial {
                 chain_pem: ck.cert.pem().into_bytes(),
                 key_pem: ck.signing_key.serialize_pem().into_bytes(),
             });
         }
-        let (cert, key) = (
-            tls.cert.as_ref().expect("validated"),
-            tls.key.as_ref().expect("validated"),
-        );
+        let (cert, key) = (tls.cert.as_ref().expect("validated"), tls.key.as_ref().expect("validated"));
         let m = TlsMaterial {
-            chain_pem: std::fs::read(cert)
-                .with_context(|| format!("reading {}", cert.display()))?,
+            chain_pem: std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
             key_pem: std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
         };
         // Fail at load, with the file named, rather than at the first handshake.
-        m.ssl_context().with_context(|| {
-            format!(
-                "tls: certificate {} / key {}",
-                cert.display(),
-                key.display()
-            )
-        })?;
+        m.ssl_context().with_context(|| format!("tls: certificate {} / key {}", cert.display(), key.display()))?;
         Ok(m)
     }
 
     fn ssl_context(&self) -> anyhow::Result<SslContextBuilder> {
         let mut ctx = SslContextBuilder::new(SslMethod::tls())?;
-        let mut chain = X509::stack_from_pem(&self.chain_pem)
-            .context("parsing the certificate chain")?
-            .into_iter();
-        let leaf = chain
-            .next()
-            .context("the certificate file holds no certificate")?;
+        let mut chain = X509::stack_from_pem(&self.chain_pem).context("parsing the certificate chain")?.into_iter();
+        let leaf = chain.next().context("the certificate file holds no certificate")?;
         ctx.set_certificate(&leaf)?;
         for extra in chain {
             ctx.add_extra_chain_cert(extra)?;
         }
         let key = PKey::private_key_from_pem(&self.key_pem).context("parsing the private key")?;
         ctx.set_private_key(&key)?;
-        ctx.check_private_key()
-            .context("the private key does not match the certificate")?;
+        ctx.check_private_key().context("the private key does not match the certificate")?;
         Ok(ctx)
     }
 }
@@ -68,8 +53,7 @@ impl TlsMaterial {
 /// Builds the QUIC + HTTP/3 configuration for one worker.
 pub fn quic_config(config: &Config, tls: &TlsMaterial) -> anyhow::Result<quiche::Config> {
     let q = &config.quic;
-    let mut c =
-        quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, tls.ssl_context()?)?;
+    let mut c = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, tls.ssl_context()?)?;
     c.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)?;
     c.set_max_idle_timeout(config.timeouts.idle.0.as_millis() as u64);
     c.set_max_recv_udp_payload_size(q.max_udp_payload);
@@ -85,8 +69,7 @@ pub fn quic_config(config: &Config, tls: &TlsMaterial) -> anyhow::Result<quiche:
     c.set_max_connection_window(q.max_data.0.max(24 << 20));
     c.set_max_stream_window(q.max_stream_data.0.max(8 << 20));
     c.set_disable_active_migration(true);
-    c.set_cc_algorithm_name(&q.congestion_control)
-        .map_err(|e| anyhow::anyhow!("congestion control: {e}"))?;
+    c.set_cc_algorithm_name(&q.congestion_control).map_err(|e| anyhow::anyhow!("congestion control: {e}"))?;
     Ok(c)
 }
 

@@ -3,28 +3,39 @@
 //!
 //! Each turn, in this order:
 //! 1. receive: drain every socket (bounded batch) and feed the datagrams to their connections;
-//! 2. timers: fire quiche timeouts that are due;
-//! 3. upstream news: drive the streams whose upstream task queued data or failed;
-//! 4. flush: send every packet the touched connections have, reschedule their timers, reap
+//! 2. control: apply a new configuration snapshot or start draining, if the control thread
+//!    sent one (swapped between turns: in-flight requests keep the snapshot they started with);
+//! 3. timers: fire quiche timeouts that are due;
+//! 4. upstream news: drive the streams whose upstream task queued data or failed;
+//! 5. flush: send every packet the touched connections have, reschedule their timers, reap
 //!    closed ones;
-//! 5. wait for the first of: a readable socket, the earliest timer, upstream news.
+//! 6. wait for the first of: a readable socket, the earliest timer, upstream news, a control
+//!    message.
 //!
-//! The loop sleeps only in step 5, so a response never waits for the next client packet and
+//! The loop sleeps only in step 6, so a response never waits for the next client packet and
 //! nothing polls on an interval.
 
 use super::cid::{CidGenerator, CID_LEN};
 use super::connection::Connection;
 use super::socket::EdgeSocket;
+use super::tls;
 use crate::bridge::exchange::{Notifier, StreamKey};
+use crate::bridge::request::RequestIds;
 use crate::config::HeaderPolicy;
+use crate::control::snapshot::Snapshot;
+use crate::control::{AttachedInbox, ToWorker};
 use crate::route::Router;
+use crate::telemetry::access_log::AccessLogger;
+use crate::telemetry::metrics::{DropReason, RouteMetrics, WorkerMetrics};
 use crate::transport::Upstreams;
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
@@ -33,13 +44,56 @@ const RECV_BATCH: usize = 64;
 /// Largest datagram accepted (GRO can deliver up to 64 KiB later on).
 const RECV_BUF: usize = 65_535;
 
-/// What connections need from their worker while handling events.
+/// What connections need from their worker while handling events: everything derived from
+/// one configuration snapshot, plus the worker-lifetime pieces (notifier, request ids).
 pub struct WorkerCtx {
     pub h3_config: quiche::h3::Config,
     pub notifier: Rc<Notifier>,
     pub router: Router,
+    /// Metric handles per route (by route index), and for requests no route matched.
+    pub route_metrics: Vec<Rc<RouteMetrics>>,
+    pub unrouted_metrics: Rc<RouteMetrics>,
     pub upstreams: Rc<Upstreams>,
     pub header_policy: HeaderPolicy,
+    pub metrics: WorkerMetrics,
+    pub access_log: AccessLogger,
+    pub request_ids: Rc<RefCell<RequestIds>>,
+}
+
+impl WorkerCtx {
+    /// Builds the context for `snap`; with `previous` (a reload), carries over what must
+    /// outlive a snapshot: the notifier in-flight exchanges report to, pooled connections,
+    /// the request-id generator.
+    pub fn new(
+        worker: usize,
+        snap: &Snapshot,
+        mut access_log: AccessLogger,
+        previous: Option<&WorkerCtx>,
+    ) -> anyhow::Result<Self> {
+        let config = &snap.config;
+        let upstreams = Rc::new(Upstreams::new(config, previous.map(|p| &*p.upstreams)));
+        let router = Router::new(&config.routes, |name| upstreams.pool_index(name));
+        access_log.reconfigure(&config.access_log);
+        let (notifier, request_ids) = match previous {
+            Some(p) => (p.notifier.clone(), p.request_ids.clone()),
+            None => (Rc::new(Notifier::default()), Rc::new(RefCell::new(RequestIds::new()))),
+        };
+        let metrics = WorkerMetrics::new(worker);
+        let route_metrics =
+            config.routes.iter().map(|r| Rc::new(metrics.route(Some((&r.label(), &r.upstream))))).collect();
+        Ok(WorkerCtx {
+            h3_config: tls::h3_config(config)?,
+            notifier,
+            router,
+            route_metrics,
+            unrouted_metrics: Rc::new(metrics.route(None)),
+            upstreams,
+            header_policy: config.headers.clone(),
+            metrics,
+            access_log,
+            request_ids,
+        })
+    }
 }
 
 pub struct Worker {
@@ -47,6 +101,7 @@ pub struct Worker {
     sockets: Vec<EdgeSocket>,
     quic_config: quiche::Config,
     ctx: WorkerCtx,
+    inbox: AttachedInbox,
     conns: HashMap<u64, Connection>,
     by_cid: HashMap<Vec<u8>, u64>,
     next_handle: u64,
@@ -55,50 +110,55 @@ pub struct Worker {
     cids: CidGenerator,
     via_name: Rc<str>,
     send_buf: Vec<u8>,
+    /// Set by a drain order: when remaining connections are closed regardless.
+    drain_deadline: Option<Instant>,
 }
 
 impl Worker {
     pub fn new(
         id: usize,
         sockets: Vec<EdgeSocket>,
-        quic_config: quiche::Config,
+        snap: &Snapshot,
         ctx: WorkerCtx,
-        cids: CidGenerator,
-    ) -> Self {
-        let via_name: Rc<str> = ctx.header_policy.via_name.as_str().into();
-        Worker {
+        inbox: AttachedInbox,
+    ) -> anyhow::Result<Self> {
+        Ok(Worker {
             id,
             sockets,
-            quic_config,
+            quic_config: tls::quic_config(&snap.config, &snap.tls)?,
+            via_name: snap.config.headers.via_name.as_str().into(),
             ctx,
+            inbox,
             conns: HashMap::new(),
             by_cid: HashMap::new(),
             next_handle: 0,
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
-            cids,
-            via_name,
+            cids: CidGenerator::new(0, 0, id as u8),
             send_buf: vec![0; 65_535],
-        }
+            drain_deadline: None,
+        })
     }
 
-    /// Runs the loop forever (until the process exits).
+    /// Runs the loop until a drain completes.
     pub async fn run(mut self) {
-        tracing::info!(
-            worker = self.id,
-            sockets = self.sockets.len(),
-            "worker ready"
-        );
+        tracing::info!(worker = self.id, sockets = self.sockets.len(), "worker ready");
         let mut buf = vec![0u8; RECV_BUF];
         let mut news = Vec::new();
         loop {
             let more_waiting = self.receive(&mut buf);
+            self.handle_control();
             self.fire_timers();
             self.ctx.notifier.drain(&mut news);
             for key in news.drain(..) {
                 self.on_news(key);
             }
+            self.progress_drain();
             self.flush().await;
+            if self.drain_deadline.is_some() && self.conns.is_empty() {
+                tracing::info!(worker = self.id, "worker drained");
+                return;
+            }
             if more_waiting {
                 // Let upstream tasks run before the next batch.
                 yield_now().await;
@@ -126,6 +186,7 @@ impl Worker {
                     }
                 }
             }
+            self.ctx.metrics.packets_received.increment(n as u64);
             more |= n == RECV_BATCH;
         }
         more
@@ -134,11 +195,7 @@ impl Worker {
     fn on_datagram(&mut self, si: usize, pkt: &mut [u8], from: SocketAddr) {
         let hdr = match quiche::Header::from_slice(pkt, CID_LEN) {
             Ok(h) => h,
-            Err(_) => {
-                metrics::counter!("spooky_packets_dropped_total", "reason" => "unparseable")
-                    .increment(1);
-                return;
-            }
+            Err(_) => return self.ctx.metrics.dropped(DropReason::Unparseable),
         };
         let handle = match self.by_cid.get(hdr.dcid.as_ref()) {
             Some(h) => *h,
@@ -148,13 +205,10 @@ impl Worker {
             },
         };
         let local = self.sockets[si].local;
-        let conn = self
-            .conns
-            .get_mut(&handle)
-            .expect("CID table points at live connections");
+        let conn = self.conns.get_mut(&handle).expect("CID table points at live connections");
         if let Err(e) = conn.quic.recv(pkt, quiche::RecvInfo { from, to: local }) {
             tracing::trace!(error = %e, "packet rejected by quiche");
-            metrics::counter!("spooky_packets_dropped_total", "reason" => "rejected").increment(1);
+            self.ctx.metrics.dropped(DropReason::Rejected);
         }
         conn.peer = from;
         conn.on_input(&self.ctx);
@@ -162,16 +216,13 @@ impl Worker {
     }
 
     /// Handles a packet for an unknown CID: a new connection if it is a valid Initial.
-    fn accept(
-        &mut self,
-        si: usize,
-        hdr: &quiche::Header<'_>,
-        len: usize,
-        from: SocketAddr,
-    ) -> Option<u64> {
+    fn accept(&mut self, si: usize, hdr: &quiche::Header<'_>, len: usize, from: SocketAddr) -> Option<u64> {
         if hdr.ty != quiche::Type::Initial {
-            metrics::counter!("spooky_packets_dropped_total", "reason" => "unknown_cid")
-                .increment(1);
+            self.ctx.metrics.dropped(DropReason::UnknownCid);
+            return None;
+        }
+        if self.drain_deadline.is_some() {
+            self.ctx.metrics.dropped(DropReason::Draining);
             return None;
         }
         if !quiche::version_is_supported(hdr.version) {
@@ -182,25 +233,19 @@ impl Worker {
         }
         // RFC 9000 §14.1: Initial datagrams from clients are at least 1200 bytes.
         if len < 1200 {
-            metrics::counter!("spooky_packets_dropped_total", "reason" => "short_initial")
-                .increment(1);
+            self.ctx.metrics.dropped(DropReason::ShortInitial);
             return None;
         }
         let scid = self.cids.generate();
         let local = self.sockets[si].local;
-        let quic = match quiche::accept(
-            &quiche::ConnectionId::from_ref(&scid),
-            None,
-            local,
-            from,
-            &mut self.quic_config,
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(error = %e, "accept failed");
-                return None;
-            }
-        };
+        let quic =
+            match quiche::accept(&quiche::ConnectionId::from_ref(&scid), None, local, from, &mut self.quic_config) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    return None;
+                }
+            };
         let handle = self.next_handle;
         self.next_handle += 1;
         let mut conn = Connection::new(handle, quic, from, si, self.via_name.clone());
@@ -210,16 +255,66 @@ impl Worker {
             self.by_cid.insert(cid.clone(), handle);
         }
         self.conns.insert(handle, conn);
-        metrics::counter!("spooky_connections_accepted_total").increment(1);
-        metrics::gauge!("spooky_connections_active", "worker" => self.id.to_string())
-            .increment(1.0);
+        self.ctx.metrics.connections_accepted.increment(1);
+        self.ctx.metrics.connections_active.increment(1.0);
         Some(handle)
+    }
+
+    /// Applies whatever the control thread sent since the last turn.
+    fn handle_control(&mut self) {
+        self.inbox.clear_wakeups();
+        while let Ok(msg) = self.inbox.rx.try_recv() {
+            match msg {
+                ToWorker::Apply(snap) => self.apply(&snap),
+                ToWorker::Drain { deadline } => {
+                    tracing::info!(worker = self.id, connections = self.conns.len(), "draining");
+                    self.drain_deadline = Some(deadline);
+                    for conn in self.conns.values_mut() {
+                        conn.start_drain();
+                        mark_dirty(&mut self.dirty, conn);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Swaps in a new snapshot. Live connections keep their TLS state and in-flight requests
+    /// keep the upstream state they started with; everything new uses the snapshot.
+    fn apply(&mut self, snap: &Arc<Snapshot>) {
+        let quic = match tls::quic_config(&snap.config, &snap.tls) {
+            Ok(q) => q,
+            Err(e) => return tracing::error!(worker = self.id, error = %e, "cannot apply the new configuration"),
+        };
+        match WorkerCtx::new(self.id, snap, self.ctx.access_log.clone(), Some(&self.ctx)) {
+            Ok(ctx) => {
+                self.ctx = ctx;
+                self.quic_config = quic;
+                self.via_name = snap.config.headers.via_name.as_str().into();
+                tracing::debug!(worker = self.id, version = snap.version, "configuration applied");
+            }
+            Err(e) => tracing::error!(worker = self.id, error = %e, "cannot apply the new configuration"),
+        }
     }
 
     fn on_news(&mut self, key: StreamKey) {
         if let Some(conn) = self.conns.get_mut(&key.conn) {
             conn.on_exchange_news(&self.ctx, key.stream);
             mark_dirty(&mut self.dirty, conn);
+        }
+    }
+
+    /// While draining: close connections whose requests are done; at the deadline, all.
+    fn progress_drain(&mut self) {
+        let Some(deadline) = self.drain_deadline else { return };
+        let force = Instant::now() >= deadline;
+        for conn in self.conns.values_mut() {
+            conn.close_if_idle(&self.ctx, force);
+            mark_dirty(&mut self.dirty, conn);
+        }
+        if force {
+            // Closing connections wait out their draining period; don't wait for it.
+            let handles: Vec<u64> = self.conns.keys().copied().collect();
+            self.dirty = handles;
         }
     }
 
@@ -230,9 +325,7 @@ impl Worker {
                 break;
             }
             self.timers.pop();
-            let Some(conn) = self.conns.get_mut(&handle) else {
-                continue;
-            };
+            let Some(conn) = self.conns.get_mut(&handle) else { continue };
             // Entries are never removed from the heap; only the latest deadline counts.
             if conn.deadline != Some(at) {
                 continue;
@@ -246,15 +339,16 @@ impl Worker {
 
     /// Sends what every touched connection has queued; reschedules timers; reaps closed ones.
     async fn flush(&mut self) {
+        let past_deadline = self.drain_deadline.is_some_and(|d| Instant::now() >= d);
         while let Some(handle) = self.dirty.pop() {
-            let Some(conn) = self.conns.get_mut(&handle) else {
-                continue;
-            };
+            let Some(conn) = self.conns.get_mut(&handle) else { continue };
             conn.dirty = false;
             let socket = &self.sockets[conn.socket];
+            let mut sent = 0;
             loop {
                 match conn.quic.send(&mut self.send_buf) {
                     Ok((n, info)) => {
+                        sent += 1;
                         if let Err(e) = socket.send_to(&self.send_buf[..n], info.to).await {
                             tracing::debug!(error = %e, to = %info.to, "UDP send failed");
                         }
@@ -267,7 +361,8 @@ impl Worker {
                     }
                 }
             }
-            if conn.quic.is_closed() {
+            self.ctx.metrics.packets_sent.increment(sent);
+            if conn.quic.is_closed() || (past_deadline && conn.quic.is_draining()) {
                 self.remove(handle);
                 continue;
             }
@@ -286,39 +381,40 @@ impl Worker {
             for cid in &conn.cids {
                 self.by_cid.remove(cid);
             }
-            conn.cancel_all();
-            metrics::gauge!("spooky_connections_active", "worker" => self.id.to_string())
-                .decrement(1.0);
+            conn.record_path_stats(&self.ctx);
+            conn.cancel_all(&self.ctx);
+            self.ctx.metrics.connections_active.decrement(1.0);
         }
     }
 
-    /// Sleeps until a socket is readable, the earliest timer is due, or upstream news arrives.
+    /// Sleeps until a socket is readable, the earliest timer is due, upstream news or a
+    /// control message arrives.
     async fn wait(&mut self) {
         while let Some(Reverse((at, handle))) = self.timers.peek().copied() {
-            if self
-                .conns
-                .get(&handle)
-                .is_some_and(|c| c.deadline == Some(at))
-            {
+            if self.conns.get(&handle).is_some_and(|c| c.deadline == Some(at)) {
                 break;
             }
             self.timers.pop();
         }
         let deadline = self.timers.peek().map(|Reverse((at, _))| *at);
+        let deadline = match (deadline, self.drain_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let mut sleep = pin!(async move {
             match deadline {
                 Some(at) => monoio::time::sleep_until(monoio::time::Instant::from_std(at)).await,
                 None => std::future::pending().await,
             }
         });
-        let mut readable: Vec<_> = self
-            .sockets
-            .iter()
-            .map(|s| Box::pin(s.readable()))
-            .collect();
+        let mut readable: Vec<_> = self.sockets.iter().map(|s| Box::pin(s.readable())).collect();
+        let mut control = pin!(self.inbox.wakeup());
         let notifier = self.ctx.notifier.clone();
         poll_fn(|cx| {
-            if notifier.poll_ready(cx).is_ready() || sleep.as_mut().poll(cx).is_ready() {
+            if notifier.poll_ready(cx).is_ready()
+                || sleep.as_mut().poll(cx).is_ready()
+                || control.as_mut().poll(cx).is_ready()
+            {
                 return Poll::Ready(());
             }
             for r in readable.iter_mut() {

@@ -12,10 +12,7 @@ pub struct SmoothWeighted {
 
 impl SmoothWeighted {
     pub fn new(weights: &[u32]) -> Self {
-        SmoothWeighted {
-            weights: weights.iter().map(|&w| i64::from(w)).collect(),
-            current: vec![0; weights.len()],
-        }
+        SmoothWeighted { weights: weights.iter().map(|&w| i64::from(w)).collect(), current: vec![0; weights.len()] }
     }
 }
 
@@ -44,13 +41,7 @@ mod tests {
     use super::*;
 
     fn ctx(excluded: &[BackendId]) -> PickContext<'_> {
-        PickContext {
-            method: "GET",
-            authority: "a",
-            path: "/",
-            client: "127.0.0.1:1".parse().unwrap(),
-            excluded,
-        }
+        PickContext { method: "GET", authority: "a", path: "/", client: "127.0.0.1:1".parse().unwrap(), excluded }
     }
 
     #[test]

@@ -3,6 +3,13 @@
 
 use crate::config::Route;
 
+/// Which route matched (its index in the config) and the pool it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteMatch {
+    pub route: usize,
+    pub pool: usize,
+}
+
 /// A compiled route table.
 pub struct Router {
     routes: Vec<CompiledRoute>,
@@ -41,12 +48,12 @@ impl Router {
         Router { routes }
     }
 
-    /// The pool for `authority` (port ignored, case-insensitive) and `path`.
-    pub fn route(&self, authority: &str, path: &str) -> Option<usize> {
+    /// The first route matching `authority` (port ignored, case-insensitive) and `path`.
+    pub fn route(&self, authority: &str, path: &str) -> Option<RouteMatch> {
         let host = strip_port(authority);
         self.routes
             .iter()
-            .find(|r| {
+            .position(|r| {
                 let host_ok = match &r.host {
                     HostMatch::Any => true,
                     HostMatch::Exact(h) => h.eq_ignore_ascii_case(host),
@@ -56,18 +63,14 @@ impl Router {
                 };
                 host_ok && path.starts_with(r.path_prefix.as_str())
             })
-            .map(|r| r.pool)
+            .map(|i| RouteMatch { route: i, pool: self.routes[i].pool })
     }
 }
 
 fn strip_port(authority: &str) -> &str {
     if authority.starts_with('[') {
         // [v6]:port
-        return authority
-            .split(']')
-            .next()
-            .map(|h| &authority[..h.len() + 1])
-            .unwrap_or(authority);
+        return authority.split(']').next().map(|h| &authority[..h.len() + 1]).unwrap_or(authority);
     }
     match authority.rsplit_once(':') {
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
@@ -80,28 +83,20 @@ mod tests {
     use super::*;
 
     fn route(host: &str, prefix: &str, up: &str) -> Route {
-        Route {
-            host: host.into(),
-            path_prefix: prefix.into(),
-            upstream: up.into(),
-        }
+        Route { name: None, host: host.into(), path_prefix: prefix.into(), upstream: up.into() }
     }
 
     #[test]
     fn first_match_in_order_wins() {
-        let routes = [
-            route("api.example.com", "/v1/", "a"),
-            route("*.example.com", "/", "b"),
-            route("*", "/static/", "c"),
-        ];
-        let r = Router::new(&routes, |n| {
-            ["a", "b", "c"].iter().position(|x| *x == n).unwrap()
-        });
-        assert_eq!(r.route("api.example.com:443", "/v1/users"), Some(0));
-        assert_eq!(r.route("API.example.com", "/v2"), Some(1));
-        assert_eq!(r.route("x.y.example.com", "/"), Some(1));
-        assert_eq!(r.route("example.com", "/static/x"), Some(2));
-        assert_eq!(r.route("example.com", "/other"), None);
+        let routes =
+            [route("api.example.com", "/v1/", "a"), route("*.example.com", "/", "b"), route("*", "/static/", "c")];
+        let r = Router::new(&routes, |n| ["a", "b", "c"].iter().position(|x| *x == n).unwrap());
+        let pool = |a, p| r.route(a, p).map(|m| m.pool);
+        assert_eq!(pool("api.example.com:443", "/v1/users"), Some(0));
+        assert_eq!(pool("API.example.com", "/v2"), Some(1));
+        assert_eq!(pool("x.y.example.com", "/"), Some(1));
+        assert_eq!(r.route("example.com", "/static/x"), Some(RouteMatch { route: 2, pool: 2 }));
+        assert_eq!(pool("example.com", "/other"), None);
         assert_eq!(strip_port("[::1]:8443"), "[::1]");
     }
 }

@@ -1,4 +1,13 @@
-//! Logs (through `tracing`) and, with the control-plane issue, metrics export.
+//! Telemetry: logs ([`init_logging`]), Prometheus metrics ([`metrics`]) and the access log
+//! ([`access_log`]).
+//!
+//! Hot-path recording is per worker: every series a worker updates per packet or per request
+//! carries a `worker` label and is registered once into a [`metrics::WorkerMetrics`] handle, so
+//! recording is an atomic add on a cache line no other worker touches — no registry lookup, no
+//! lock. Rare events (failures, reloads) use the `metrics` macros directly.
+
+pub mod access_log;
+pub mod metrics;
 
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;

@@ -53,16 +53,13 @@ pub fn serve(opts: Options) -> anyhow::Result<()> {
         .map(|l| {
             let name = name.clone();
             std::thread::spawn(move || -> anyhow::Result<()> {
-                let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                    .enable_timer()
-                    .build()?;
+                let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build()?;
                 rt.block_on(accept_loop(l, Rc::from(name.as_str())))
             })
         })
         .collect();
     for t in threads {
-        t.join()
-            .map_err(|_| anyhow::anyhow!("backend thread panicked"))??;
+        t.join().map_err(|_| anyhow::anyhow!("backend thread panicked"))??;
     }
     Ok(())
 }
@@ -116,13 +113,9 @@ async fn handle(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, name
     }
     let path = req.uri().path().to_string();
     let respond = &mut respond;
-    let status = |default: u16| {
-        StatusCode::from_u16(query.status.unwrap_or(default)).unwrap_or(StatusCode::OK)
-    };
+    let status = |default: u16| StatusCode::from_u16(query.status.unwrap_or(default)).unwrap_or(StatusCode::OK);
     let head = |status: StatusCode, len: Option<u64>| {
-        let mut r = Response::builder()
-            .status(status)
-            .header("x-backend", &*name);
+        let mut r = Response::builder().status(status).header("x-backend", &*name);
         if let Some(len) = len {
             r = r.header(http::header::CONTENT_LENGTH, len);
         }
@@ -182,10 +175,7 @@ async fn handle(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, name
                 n += chunk.len() as u64;
                 hasher.update(&chunk);
             }
-            let text = format!(
-                "{{\"bytes\":{n},\"sha256\":\"{}\"}}",
-                hex::encode(hasher.finalize())
-            );
+            let text = format!("{{\"bytes\":{n},\"sha256\":\"{}\"}}", hex::encode(hasher.finalize()));
             send_text(respond, head(status(200), Some(text.len() as u64)), text).await;
         }
         ("headers", _) => {
@@ -202,11 +192,7 @@ async fn handle(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, name
             send_text(respond, head(status(200), Some(text.len() as u64)), text).await;
         }
         ("status", Some(code)) => {
-            let code = code
-                .parse()
-                .ok()
-                .and_then(|c| StatusCode::from_u16(c).ok())
-                .unwrap_or(StatusCode::BAD_REQUEST);
+            let code = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
             let text = format!("status {}\n", code.as_u16());
             send_text(respond, head(code, Some(text.len() as u64)), text).await;
         }
@@ -269,10 +255,7 @@ async fn send_all(tx: &mut SendStream<Bytes>, mut data: Bytes) -> bool {
         })
         .await;
         let Some(cap) = cap else { return false };
-        if tx
-            .send_data(data.split_to(cap.min(data.len())), false)
-            .is_err()
-        {
+        if tx.send_data(data.split_to(cap.min(data.len())), false).is_err() {
             return false;
         }
     }
@@ -286,10 +269,7 @@ struct Query {
 
 impl Query {
     fn parse(q: &str) -> Self {
-        let mut out = Query {
-            delay_ms: 0,
-            status: None,
-        };
+        let mut out = Query { delay_ms: 0, status: None };
         for pair in q.split('&') {
             match pair.split_once('=') {
                 Some(("delay_ms", v)) => out.delay_ms = v.parse().unwrap_or(0),

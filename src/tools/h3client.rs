@@ -85,11 +85,7 @@ impl Request {
     }
 
     pub fn post(path: &str, body: Body) -> Self {
-        Request {
-            method: "POST".into(),
-            body,
-            ..Request::get(path)
-        }
+        Request { method: "POST".into(), body, ..Request::get(path) }
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Self {
@@ -115,10 +111,7 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -166,13 +159,7 @@ struct Active {
 impl Client {
     /// Connects to `peer` and completes the handshake.
     pub fn connect(peer: SocketAddr, opts: Options) -> Result<Self, Error> {
-        let bind: SocketAddr = if peer.is_ipv6() {
-            "[::]:0"
-        } else {
-            "0.0.0.0:0"
-        }
-        .parse()
-        .expect("literal");
+        let bind: SocketAddr = if peer.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal");
         let sock = UdpSocket::bind(bind)?;
         sock.connect(peer)?;
         sock.set_nonblocking(true)?;
@@ -194,17 +181,10 @@ impl Client {
         config.set_initial_max_streams_uni(8);
         config.set_disable_active_migration(true);
         let mut scid = [0u8; quiche::MAX_CONN_ID_LEN];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut scid)
-            .expect("OS randomness");
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut scid).expect("OS randomness");
         let scid = quiche::ConnectionId::from_ref(&scid);
         let conn = quiche::connect(Some(&opts.server_name), &scid, local, peer, &mut config)?;
-        let mut this = ClientHandshake {
-            sock,
-            conn,
-            local,
-            buf: vec![0; 65_535],
-            out: vec![0; 65_535],
-        };
+        let mut this = ClientHandshake { sock, conn, local, buf: vec![0; 65_535], out: vec![0; 65_535] };
         let deadline = Instant::now() + opts.timeout;
         while !this.conn.is_established() {
             this.flush()?;
@@ -214,30 +194,13 @@ impl Client {
             this.receive(deadline, opts.timeout)?;
         }
         let h3 = h3::Connection::with_transport(&mut this.conn, &h3::Config::new()?)?;
-        let ClientHandshake {
-            sock,
-            conn,
-            local,
-            buf,
-            out,
-        } = this;
-        Ok(Client {
-            sock,
-            conn,
-            h3,
-            local,
-            opts,
-            buf,
-            out,
-        })
+        let ClientHandshake { sock, conn, local, buf, out } = this;
+        Ok(Client { sock, conn, h3, local, opts, buf, out })
     }
 
     /// Sends one request and waits for its response.
     pub fn request(&mut self, req: Request) -> Result<Response, Error> {
-        Ok(self
-            .run(vec![req])?
-            .pop()
-            .expect("one response per request"))
+        Ok(self.run(vec![req])?.pop().expect("one response per request"))
     }
 
     /// Runs all requests concurrently (as many at once as the server's stream limit allows)
@@ -271,10 +234,7 @@ impl Client {
             });
         }
         self.flush_conn()?;
-        Ok(results
-            .into_iter()
-            .map(|r| r.expect("every request finished"))
-            .collect())
+        Ok(results.into_iter().map(|r| r.expect("every request finished")).collect())
     }
 
     /// Closes the connection cleanly (H3_NO_ERROR).
@@ -292,10 +252,7 @@ impl Client {
             let headers: Vec<h3::Header> = match &req.raw_head {
                 Some(raw) => raw.iter().map(|(n, v)| h3::Header::new(n, v)).collect(),
                 None => {
-                    let authority = req
-                        .authority
-                        .clone()
-                        .unwrap_or_else(|| self.opts.server_name.clone());
+                    let authority = req.authority.clone().unwrap_or_else(|| self.opts.server_name.clone());
                     let mut h = vec![
                         h3::Header::new(b":method", req.method.as_bytes()),
                         h3::Header::new(b":scheme", b"https"),
@@ -303,20 +260,11 @@ impl Client {
                         h3::Header::new(b":path", req.path.as_bytes()),
                     ];
                     if let Body::Bytes(_) | Body::Pattern(_) = req.body {
-                        if !req.headers.iter().any(|(n, _)| n == "content-length")
-                            && req.trailers.is_empty()
-                        {
-                            h.push(h3::Header::new(
-                                b"content-length",
-                                req.body.len().to_string().as_bytes(),
-                            ));
+                        if !req.headers.iter().any(|(n, _)| n == "content-length") && req.trailers.is_empty() {
+                            h.push(h3::Header::new(b"content-length", req.body.len().to_string().as_bytes()));
                         }
                     }
-                    h.extend(
-                        req.headers
-                            .iter()
-                            .map(|(n, v)| h3::Header::new(n.as_bytes(), v.as_bytes())),
-                    );
+                    h.extend(req.headers.iter().map(|(n, v)| h3::Header::new(n.as_bytes(), v.as_bytes())));
                     h
                 }
             };
@@ -338,8 +286,7 @@ impl Client {
                         },
                     );
                 }
-                Err(h3::Error::StreamBlocked)
-                | Err(h3::Error::TransportError(quiche::Error::StreamLimit)) => break,
+                Err(h3::Error::StreamBlocked) | Err(h3::Error::TransportError(quiche::Error::StreamLimit)) => break,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -359,10 +306,7 @@ impl Client {
                 Body::Empty => &[],
             };
             let last = a.sent + n as u64 == len;
-            match self
-                .h3
-                .send_body(&mut self.conn, sid, data, last && a.trailers.is_empty())
-            {
+            match self.h3.send_body(&mut self.conn, sid, data, last && a.trailers.is_empty()) {
                 Ok(w) => {
                     a.sent += w as u64;
                     if w < n {
@@ -381,15 +325,9 @@ impl Client {
             if a.trailers.is_empty() {
                 a.upload_done = true;
             } else {
-                let t: Vec<h3::Header> = a
-                    .trailers
-                    .iter()
-                    .map(|(n, v)| h3::Header::new(n.as_bytes(), v.as_bytes()))
-                    .collect();
-                match self
-                    .h3
-                    .send_additional_headers(&mut self.conn, sid, &t, true, true)
-                {
+                let t: Vec<h3::Header> =
+                    a.trailers.iter().map(|(n, v)| h3::Header::new(n.as_bytes(), v.as_bytes())).collect();
+                match self.h3.send_additional_headers(&mut self.conn, sid, &t, true, true) {
                     Err(h3::Error::Done) | Err(h3::Error::StreamBlocked) => {}
                     _ => a.upload_done = true,
                 }
@@ -456,14 +394,7 @@ impl Client {
     }
 
     fn receive_conn(&mut self, deadline: Instant) -> Result<(), Error> {
-        receive(
-            &mut self.conn,
-            &self.sock,
-            self.local,
-            &mut self.buf,
-            deadline,
-            self.opts.timeout,
-        )
+        receive(&mut self.conn, &self.sock, self.local, &mut self.buf, deadline, self.opts.timeout)
     }
 }
 
@@ -482,14 +413,7 @@ impl ClientHandshake {
     }
 
     fn receive(&mut self, deadline: Instant, limit: Duration) -> Result<(), Error> {
-        receive(
-            &mut self.conn,
-            &self.sock,
-            self.local,
-            &mut self.buf,
-            deadline,
-            limit,
-        )
+        receive(&mut self.conn, &self.sock, self.local, &mut self.buf, deadline, limit)
     }
 }
 
@@ -526,10 +450,7 @@ fn receive(
     if now >= deadline {
         return Err(Error::Timeout(limit));
     }
-    let wait = conn
-        .timeout()
-        .unwrap_or(Duration::from_millis(100))
-        .min(deadline - now);
+    let wait = conn.timeout().unwrap_or(Duration::from_millis(100)).min(deadline - now);
     let ready = wait_fd(sock, libc::POLLIN, wait.as_millis().max(1) as i32);
     if !ready {
         conn.on_timeout();
@@ -539,13 +460,7 @@ fn receive(
     loop {
         match sock.recv(buf) {
             Ok(n) => {
-                let _ = conn.recv(
-                    &mut buf[..n],
-                    quiche::RecvInfo {
-                        from: peer,
-                        to: local,
-                    },
-                );
+                let _ = conn.recv(&mut buf[..n], quiche::RecvInfo { from: peer, to: local });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
@@ -560,27 +475,15 @@ fn receive(
 
 /// poll(2) on one socket; true when ready.
 fn wait_fd(sock: &UdpSocket, events: i16, timeout_ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events,
-        revents: 0,
-    };
+    let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events, revents: 0 };
     // SAFETY: one valid pollfd for the duration of the call.
     unsafe { libc::poll(&mut pfd, 1, timeout_ms) > 0 }
 }
 
 fn close_reason(conn: &quiche::Connection) -> String {
     match (conn.peer_error(), conn.local_error()) {
-        (Some(e), _) => format!(
-            "peer error 0x{:x} {}",
-            e.error_code,
-            String::from_utf8_lossy(&e.reason)
-        ),
-        (_, Some(e)) => format!(
-            "local error 0x{:x} {}",
-            e.error_code,
-            String::from_utf8_lossy(&e.reason)
-        ),
+        (Some(e), _) => format!("peer error 0x{:x} {}", e.error_code, String::from_utf8_lossy(&e.reason)),
+        (_, Some(e)) => format!("local error 0x{:x} {}", e.error_code, String::from_utf8_lossy(&e.reason)),
         _ if conn.is_timed_out() => "idle timeout".into(),
         _ => "closed".into(),
     }

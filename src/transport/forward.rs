@@ -48,12 +48,7 @@ pub async fn forward(up: Rc<Upstreams>, ex: SharedExchange, out: Outbound) {
 }
 
 async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
-    let Outbound {
-        request,
-        has_body,
-        pool: pool_idx,
-        client,
-    } = out;
+    let Outbound { request, has_body, pool: pool_idx, client } = out;
     let (parts, ()) = request.into_parts();
     let backend = {
         let ctx = PickContext {
@@ -70,6 +65,7 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
     };
     let addr = up.pools[pool_idx].backends[backend];
 
+    ex.borrow_mut().upstream = Some(addr);
     // A pooled connection can turn out dead (closed, GOAWAY) when we try to open a stream on
     // it. Nothing reached the backend then, so one retry on a fresh connection is always safe.
     let mut retried = false;
@@ -90,18 +86,14 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
             Ok(v) => break v,
             Err(e) if !retried => {
                 tracing::debug!(%addr, error = %e, "pooled upstream connection unusable, reconnecting");
+                metrics::counter!("spooky_upstream_retries_total").increment(1);
                 up.connections.borrow_mut().forget(addr, &conn);
                 retried = true;
             }
-            Err(e) => {
-                return fail(
-                    ex,
-                    StatusCode::BAD_GATEWAY,
-                    &format!("upstream refused the stream: {e}"),
-                )
-            }
+            Err(e) => return fail(ex, StatusCode::BAD_GATEWAY, &format!("upstream refused the stream: {e}")),
         }
     };
+    let sent_at = std::time::Instant::now();
     if has_body {
         monoio::spawn(pump_request_body(ex.clone(), body_tx));
     }
@@ -121,29 +113,18 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
     let result = match early {
         Some(r) => r,
         None => match monoio::time::timeout(up.request_timeout, response).await {
-            Err(_) => {
-                return fail(
-                    ex,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream did not answer in time",
-                )
-            }
+            Err(_) => return fail(ex, StatusCode::GATEWAY_TIMEOUT, "upstream did not answer in time"),
             Ok(r) => r,
         },
     };
     let response = match result {
-        Err(e) => {
-            return fail(
-                ex,
-                StatusCode::BAD_GATEWAY,
-                &format!("upstream failed: {e}"),
-            )
-        }
+        Err(e) => return fail(ex, StatusCode::BAD_GATEWAY, &format!("upstream failed: {e}")),
         Ok(r) => r,
     };
     let (head, mut body) = response.into_parts();
     {
         let mut x = ex.borrow_mut();
+        x.upstream_time = Some(sent_at.elapsed());
         x.resp_head = Some(head);
         x.resp_flow = Some(body.flow_control().clone());
         x.notify_edge();
@@ -180,8 +161,7 @@ fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
 }
 
 fn fail(ex: &SharedExchange, status: StatusCode, detail: &str) {
-    metrics::counter!("spooky_upstream_failures_total", "status" => status.as_str().to_owned())
-        .increment(1);
+    metrics::counter!("spooky_upstream_failures_total", "status" => status.as_str().to_owned()).increment(1);
     ex.borrow_mut().respond_locally(status, detail);
 }
 

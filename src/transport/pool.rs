@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 /// HTTP/2 client settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub connect_timeout: Duration,
     pub stream_window: u32,
@@ -74,10 +74,17 @@ pub struct ConnectionPool {
 
 impl ConnectionPool {
     pub fn new(settings: Settings) -> Self {
-        ConnectionPool {
-            settings,
-            slots: HashMap::new(),
-        }
+        ConnectionPool { settings, slots: HashMap::new() }
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.settings
+    }
+
+    /// Drops connections to backends not in `keep` (removed by a reload). Requests in flight
+    /// on them finish; the connection closes when its last handle goes.
+    pub fn retain(&mut self, keep: &[SocketAddr]) {
+        self.slots.retain(|addr, _| keep.contains(addr));
     }
 
     /// Drops `conn` from the pool if it is still the one pooled for `addr` (it failed before a
@@ -93,10 +100,7 @@ impl ConnectionPool {
 
 /// A connection to `addr`: the pooled one if alive, else the one being opened (shared by every
 /// request that asks meanwhile), else a new one.
-pub async fn connection(
-    pool: &RefCell<ConnectionPool>,
-    addr: SocketAddr,
-) -> Result<Pooled, ConnectError> {
+pub async fn connection(pool: &RefCell<ConnectionPool>, addr: SocketAddr) -> Result<Pooled, ConnectError> {
     let pending = {
         let mut p = pool.borrow_mut();
         match p.slots.get(&addr) {
@@ -126,17 +130,13 @@ pub async fn connection(
 
 async fn connect(addr: SocketAddr, s: Settings) -> Result<Pooled, ConnectError> {
     let open = async move {
-        let tcp = monoio::net::TcpStream::connect_addr(addr)
-            .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,
-                std::io::ErrorKind::TimedOut => ConnectError::Timeout,
-                _ => ConnectError::Io(e.to_string()),
-            })?;
+        let tcp = monoio::net::TcpStream::connect_addr(addr).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,
+            std::io::ErrorKind::TimedOut => ConnectError::Timeout,
+            _ => ConnectError::Io(e.to_string()),
+        })?;
         let _ = tcp.set_nodelay(true);
-        let io = tcp
-            .into_poll_io()
-            .map_err(|e| ConnectError::Io(e.to_string()))?;
+        let io = tcp.into_poll_io().map_err(|e| ConnectError::Io(e.to_string()))?;
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(s.stream_window)
             .initial_connection_window_size(s.connection_window)

@@ -18,9 +18,7 @@ fn unreachable_backend_gives_502() {
     assert_eq!(r.status, 502);
     assert!(r.text().contains("connection refused"), "{}", r.text());
     // A request with a body gets the same answer, and the connection stays usable.
-    let r = client
-        .request(Request::post("/echo", Body::Pattern(500_000)))
-        .unwrap();
+    let r = client.request(Request::post("/echo", Body::Pattern(500_000))).unwrap();
     assert_eq!(r.status, 502);
     assert_eq!(client.request(Request::get("/")).unwrap().status, 502);
 }
@@ -33,13 +31,7 @@ fn slow_backend_gives_504_after_the_request_timeout() {
     let r = client.request(Request::get("/?delay_ms=3000")).unwrap();
     assert_eq!(r.status, 504);
     // Fast enough requests on the same connection are unaffected.
-    assert_eq!(
-        client
-            .request(Request::get("/?delay_ms=10"))
-            .unwrap()
-            .status,
-        200
-    );
+    assert_eq!(client.request(Request::get("/?delay_ms=10")).unwrap().status, 200);
 }
 
 #[test]
@@ -48,15 +40,9 @@ fn upstream_status_codes_pass_through() {
     let spooky = Spooky::in_front_of(&[(&backend, 1)], "");
     let mut client = spooky.client();
     for code in [201, 204, 304, 404, 418, 500, 503] {
-        let r = client
-            .request(Request::get(&format!("/status/{code}")))
-            .unwrap();
+        let r = client.request(Request::get(&format!("/status/{code}"))).unwrap();
         assert_eq!(r.status, code);
-        assert_eq!(
-            r.header("x-backend"),
-            Some("b"),
-            "the backend's own {code}, not Spooky's"
-        );
+        assert_eq!(r.header("x-backend"), Some("b"), "the backend's own {code}, not Spooky's");
     }
 }
 
@@ -72,15 +58,8 @@ fn reset_mid_response_resets_only_that_stream() {
             Request::post("/echo", Body::Pattern(2_000_000)),
         ])
         .unwrap();
-    assert_eq!(
-        responses[0].reset,
-        Some(H3_INTERNAL_ERROR),
-        "a truncated body must not look complete"
-    );
-    assert!(
-        responses[0].sha256.is_empty(),
-        "the reset stream never finished"
-    );
+    assert_eq!(responses[0].reset, Some(H3_INTERNAL_ERROR), "a truncated body must not look complete");
+    assert!(responses[0].sha256.is_empty(), "the reset stream never finished");
     assert_eq!(responses[1].sha256, pattern::sha256_hex(3_000_000));
     assert_eq!(responses[2].sha256, pattern::sha256_hex(2_000_000));
     assert_eq!(client.request(Request::get("/")).unwrap().status, 200);
@@ -92,13 +71,7 @@ fn a_restarted_backend_is_reconnected() {
     let addr = backend.addr;
     let spooky = Spooky::in_front_of(&[(&backend, 1)], "");
     let mut client = spooky.client();
-    assert_eq!(
-        client
-            .request(Request::get("/"))
-            .unwrap()
-            .header("x-backend"),
-        Some("first")
-    );
+    assert_eq!(client.request(Request::get("/")).unwrap().header("x-backend"), Some("first"));
     drop(backend);
     let r = client.request(Request::get("/")).unwrap();
     assert_eq!(r.status, 502, "{}", r.text());

@@ -35,12 +35,7 @@ impl Proc {
 /// Spawns `cmd`, copies its stderr to `log`, and waits for a line containing `marker`;
 /// returns the process and that line.
 fn spawn_until(mut cmd: Command, log: PathBuf, marker: &'static str) -> (Proc, String) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
     let stderr = child.stderr.take().expect("piped");
     let (tx, rx) = mpsc::channel();
     let log_path = log.clone();
@@ -59,17 +54,13 @@ fn spawn_until(mut cmd: Command, log: PathBuf, marker: &'static str) -> (Proc, S
     let proc = Proc { child, log };
     match rx.recv_timeout(Duration::from_secs(30)) {
         Ok(line) => (proc, line),
-        Err(_) => panic!(
-            "process did not log `{marker}` in 30 s; log:\n{}",
-            proc.log_text()
-        ),
+        Err(_) => panic!("process did not log `{marker}` in 30 s; log:\n{}", proc.log_text()),
     }
 }
 
 fn temp_dir() -> &'static std::path::Path {
     static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"))
-        .path()
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path()
 }
 
 fn unique(name: &str) -> PathBuf {
@@ -90,52 +81,46 @@ impl Backend {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_spooky-backend"));
         cmd.args(["-l", "127.0.0.1:0", "-n", name]);
         let (proc, line) = spawn_until(cmd, unique("backend.log"), "listening on");
-        let addr = line
-            .split("listening on ")
-            .nth(1)
-            .and_then(|s| s.split(' ').next())
-            .expect("address");
-        Backend {
-            addr: addr.parse().expect("backend address"),
-            _proc: proc,
-        }
+        let addr = line.split("listening on ").nth(1).and_then(|s| s.split(' ').next()).expect("address");
+        Backend { addr: addr.parse().expect("backend address"), _proc: proc }
     }
 }
 
 /// A running Spooky.
 pub struct Spooky {
     pub addr: SocketAddr,
+    /// The admin listener (tests run it on an OS-chosen port).
+    pub admin: SocketAddr,
+    pub config: PathBuf,
     pub proc: Proc,
 }
 
 impl Spooky {
-    /// Starts Spooky with `yaml` (which should listen on `127.0.0.1:0`).
+    /// Starts Spooky with `yaml` (which should listen on `127.0.0.1:0`). Unless `yaml` sets
+    /// `admin`, the admin listener gets an OS-chosen port too.
     pub fn start(yaml: &str) -> Spooky {
         let config = unique("spooky.yaml");
+        let yaml = if yaml.contains("\nadmin:") {
+            yaml.to_string()
+        } else {
+            format!("{yaml}\nadmin: {{ listen: 127.0.0.1:0 }}\n")
+        };
         std::fs::write(&config, yaml).expect("write config");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_spooky"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info");
+        cmd.arg("run").arg("--config").arg(&config).env("RUST_LOG", "info");
         let (proc, line) = spawn_until(cmd, unique("spooky.log"), "spooky ready");
-        let addr = line
-            .split("listen=")
-            .nth(1)
-            .and_then(|s| s.split([',', ' ']).next())
-            .expect("listen address");
-        Spooky {
-            addr: addr.parse().expect("spooky address"),
-            proc,
-        }
+        let field = |name: &str| {
+            line.split(&format!("{name}=")).nth(1).and_then(|s| s.split([',', ' ']).next()).unwrap_or("").to_string()
+        };
+        let addr = field("listen").parse().expect("listen address");
+        let admin = field("admin").parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        Spooky { addr, admin, config, proc }
     }
 
     /// Spooky with two workers in front of `backends` (one pool `main`, weights given).
     pub fn in_front_of(backends: &[(&Backend, u32)], extra: &str) -> Spooky {
-        let list: String = backends
-            .iter()
-            .map(|(b, w)| format!("      - address: {}\n        weight: {w}\n", b.addr))
-            .collect();
+        let list: String =
+            backends.iter().map(|(b, w)| format!("      - address: {}\n        weight: {w}\n", b.addr)).collect();
         Spooky::start(&format!(
             "listen: 127.0.0.1:0\nworkers: 2\ntls:\n  self_signed: [localhost]\n{extra}\nupstreams:\n  main:\n    backends:\n{list}routes:\n  - upstream: main\n"
         ))
@@ -146,14 +131,12 @@ impl Spooky {
     }
 
     pub fn client_with(&self, opts: Options) -> Client {
-        Client::connect(self.addr, opts)
-            .unwrap_or_else(|e| panic!("connect: {e}; log:\n{}", self.proc.log_text()))
+        Client::connect(self.addr, opts).unwrap_or_else(|e| panic!("connect: {e}; log:\n{}", self.proc.log_text()))
     }
 
     /// Resident set size now and its peak so far, in bytes, from /proc.
     pub fn rss(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))
-            .expect("proc status");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid())).expect("proc status");
         let field = |name: &str| -> u64 {
             status
                 .lines()
@@ -171,4 +154,68 @@ impl Spooky {
 pub fn closed_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
+}
+
+impl Spooky {
+    /// An HTTP/1.1 request to the admin listener: (status, body).
+    pub fn admin_request(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.admin).expect("admin listener");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+        write!(s, "{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-length: 0\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("admin response");
+        let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (status, body)
+    }
+
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        self.admin_request("GET", path, None)
+    }
+
+    /// Scrapes `/metrics` and parses it with a Prometheus text parser.
+    pub fn metrics(&self) -> prometheus_parse::Scrape {
+        let (status, body) = self.admin_get("/metrics");
+        assert_eq!(status, 200);
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("valid exposition")
+    }
+
+    /// Sends a signal to the Spooky process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.proc.pid() as i32, sig) }, 0);
+    }
+
+    /// Inodes of the UDP sockets bound to Spooky's port (to prove nothing was rebound).
+    pub fn udp_socket_inodes(&self) -> Vec<u64> {
+        let port = format!(":{:04X} ", self.addr.port());
+        let table = std::fs::read_to_string("/proc/net/udp").unwrap();
+        let mut inodes: Vec<u64> = table
+            .lines()
+            .skip(1)
+            .filter(|l| l.split_whitespace().nth(1).is_some_and(|local| format!("{local} ").ends_with(&port)))
+            .filter_map(|l| l.split_whitespace().nth(9).and_then(|i| i.parse().ok()))
+            .collect();
+        inodes.sort();
+        inodes
+    }
+}
+
+/// Sums a counter or gauge over the series whose labels include all of `labels`.
+pub fn metric_sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
 }

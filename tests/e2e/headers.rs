@@ -13,11 +13,7 @@ fn forwarding_headers_overwrite_by_default() {
     let spooky = Spooky::in_front_of(&[(&backend, 1)], "");
     let mut client = spooky.client();
     let r = client
-        .request(
-            Request::get("/headers?q=1")
-                .header("x-forwarded-for", "6.6.6.6")
-                .header("accept", "*/*"),
-        )
+        .request(Request::get("/headers?q=1").header("x-forwarded-for", "6.6.6.6").header("accept", "*/*"))
         .unwrap();
     let text = r.text();
     let l = lines(&text);
@@ -25,10 +21,7 @@ fn forwarding_headers_overwrite_by_default() {
     assert!(l.contains(&":scheme: https"), "{text}");
     assert!(l.contains(&":authority: localhost"), "{text}");
     assert!(l.contains(&":path: /headers?q=1"), "{text}");
-    assert!(
-        l.contains(&"x-forwarded-for: 127.0.0.1"),
-        "client value must be overwritten: {text}"
-    );
+    assert!(l.contains(&"x-forwarded-for: 127.0.0.1"), "client value must be overwritten: {text}");
     assert!(l.contains(&"x-forwarded-proto: https"), "{text}");
     assert!(l.contains(&"via: 3 spooky"), "{text}");
     assert!(l.contains(&"accept: */*"), "{text}");
@@ -39,19 +32,10 @@ fn forwarding_headers_overwrite_by_default() {
 #[test]
 fn append_mode_extends_the_forwarded_chain() {
     let backend = Backend::start("b");
-    let spooky = Spooky::in_front_of(
-        &[(&backend, 1)],
-        "headers:\n  x_forwarded_for: append\n  via_name: edge-1",
-    );
-    let r = spooky
-        .client()
-        .request(Request::get("/headers").header("x-forwarded-for", "6.6.6.6"))
-        .unwrap();
+    let spooky = Spooky::in_front_of(&[(&backend, 1)], "headers:\n  x_forwarded_for: append\n  via_name: edge-1");
+    let r = spooky.client().request(Request::get("/headers").header("x-forwarded-for", "6.6.6.6")).unwrap();
     let text = r.text();
-    assert!(
-        lines(&text).contains(&"x-forwarded-for: 6.6.6.6, 127.0.0.1"),
-        "{text}"
-    );
+    assert!(lines(&text).contains(&"x-forwarded-for: 6.6.6.6, 127.0.0.1"), "{text}");
     assert!(lines(&text).contains(&"via: 3 edge-1"), "{text}");
 }
 
@@ -79,26 +63,13 @@ routes:
         req.authority = Some(authority.into());
         client.request(req).unwrap()
     };
-    assert_eq!(
-        ask(&mut client, "localhost", "/api/users").header("x-backend"),
-        Some("api")
-    );
-    assert_eq!(
-        ask(&mut client, "localhost:8443", "/static/a.css").header("x-backend"),
-        Some("web")
-    );
-    assert_eq!(
-        ask(&mut client, "www.example.com", "/api/users").header("x-backend"),
-        Some("web")
-    );
+    assert_eq!(ask(&mut client, "localhost", "/api/users").header("x-backend"), Some("api"));
+    assert_eq!(ask(&mut client, "localhost:8443", "/static/a.css").header("x-backend"), Some("web"));
+    assert_eq!(ask(&mut client, "www.example.com", "/api/users").header("x-backend"), Some("web"));
     let r = ask(&mut client, "localhost", "/other");
     assert_eq!(r.status, 404);
     assert!(r.text().starts_with("404 Not Found"), "{}", r.text());
-    assert_eq!(
-        ask(&mut client, "example.com", "/").status,
-        404,
-        "`*.example.com` does not match the bare domain"
-    );
+    assert_eq!(ask(&mut client, "example.com", "/").status, 404, "`*.example.com` does not match the bare domain");
 }
 
 #[test]
@@ -107,15 +78,7 @@ fn smooth_weighted_round_robin_follows_weights() {
     let b = Backend::start("b");
     let spooky = Spooky::in_front_of(&[(&a, 3), (&b, 1)], "");
     // One connection lives on one worker, whose balancer gives exactly 3:1 per cycle.
-    let responses = spooky
-        .client()
-        .run((0..400).map(|_| Request::get("/")).collect())
-        .unwrap();
-    let count = |name: &str| {
-        responses
-            .iter()
-            .filter(|r| r.header("x-backend") == Some(name))
-            .count()
-    };
+    let responses = spooky.client().run((0..400).map(|_| Request::get("/")).collect()).unwrap();
+    let count = |name: &str| responses.iter().filter(|r| r.header("x-backend") == Some(name)).count();
     assert_eq!((count("a"), count("b")), (300, 100));
 }

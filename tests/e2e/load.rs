@@ -11,11 +11,8 @@ fn a_thousand_concurrent_streams_over_ten_connections() {
     let spooky = Spooky::in_front_of(&[(&backend, 1)], "");
     let threads: Vec<_> = (0..10)
         .map(|c| {
-            let mut client = spooky.client_with(Options {
-                timeout: Duration::from_secs(120),
-                keep_body: 0,
-                ..Options::default()
-            });
+            let mut client =
+                spooky.client_with(Options { timeout: Duration::from_secs(120), keep_body: 0, ..Options::default() });
             std::thread::spawn(move || {
                 let requests: Vec<Request> = (0..100)
                     .map(|i| {
@@ -37,9 +34,6 @@ fn a_thousand_concurrent_streams_over_ten_connections() {
             })
         })
         .collect();
-    let total: usize = threads
-        .into_iter()
-        .map(|t| t.join().expect("client thread"))
-        .sum();
+    let total: usize = threads.into_iter().map(|t| t.join().expect("client thread")).sum();
     assert_eq!(total, 1000);
 }

@@ -3,8 +3,10 @@
 
 mod harness;
 
+mod access_log;
 mod bodies;
 mod config_errors;
+mod control;
 mod failures;
 mod headers;
 mod large_transfers;

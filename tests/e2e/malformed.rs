@@ -9,12 +9,7 @@ const H3_MESSAGE_ERROR: u64 = 0x10e;
 
 fn raw(fields: &[(&str, &str)]) -> Request {
     let mut r = Request::get("/");
-    r.raw_head = Some(
-        fields
-            .iter()
-            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-            .collect(),
-    );
+    r.raw_head = Some(fields.iter().map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())).collect());
     r
 }
 
@@ -23,12 +18,7 @@ fn malformed_requests_are_reset_with_message_error() {
     let backend = Backend::start("b");
     let spooky = Spooky::in_front_of(&[(&backend, 1)], "");
     let mut client = spooky.client();
-    let base = [
-        (":method", "GET"),
-        (":scheme", "https"),
-        (":authority", "localhost"),
-        (":path", "/"),
-    ];
+    let base = [(":method", "GET"), (":scheme", "https"), (":authority", "localhost"), (":path", "/")];
     let with = |extra: (&'static str, &'static str)| {
         let mut v = base.to_vec();
         v.push(extra);
@@ -41,24 +31,11 @@ fn malformed_requests_are_reset_with_message_error() {
         ("transfer-encoding", with(("transfer-encoding", "chunked"))),
         ("te: gzip", with(("te", "gzip"))),
         ("unknown pseudo-header", with((":bogus", "1"))),
-        (
-            "pseudo after regular",
-            raw(&[
-                ("a", "b"),
-                (":method", "GET"),
-                (":scheme", "https"),
-                (":path", "/"),
-            ]),
-        ),
+        ("pseudo after regular", raw(&[("a", "b"), (":method", "GET"), (":scheme", "https"), (":path", "/")])),
     ];
     for (what, req) in cases {
         let r = client.request(req).unwrap();
-        assert_eq!(
-            r.reset,
-            Some(H3_MESSAGE_ERROR),
-            "{what}: got status {}",
-            r.status
-        );
+        assert_eq!(r.reset, Some(H3_MESSAGE_ERROR), "{what}: got status {}", r.status);
     }
     // A body longer than its content-length.
     let mut lying = Request::post("/echo", Body::Pattern(5000));

@@ -205,6 +205,7 @@ def spooky_config(backend_port: int, nginx_port: int, dead_port: int) -> str:
     """Spooky config: demo on localhost and only.example, /nginx/ and /dead/ on any host."""
     return f"""\
 listen: 127.0.0.1:0
+admin: {{ listen: 127.0.0.1:0 }}
 workers: 2
 tls:
   self_signed: [localhost]

@@ -1,0 +1,79 @@
+//! Immutable configuration snapshots: what the control thread broadcasts to workers.
+
+use crate::config::{self, Config};
+use crate::edge::tls::TlsMaterial;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Where the configuration comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    File(PathBuf),
+    /// The embedded default (nothing to watch or reload).
+    Embedded,
+}
+
+impl Source {
+    pub fn describe(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Embedded => "<embedded default>".into(),
+        }
+    }
+}
+
+/// A validated configuration with everything derived from it that workers need.
+pub struct Snapshot {
+    /// 1 for the configuration Spooky started with, +1 per applied reload.
+    pub version: u64,
+    /// First 16 hex digits of the SHA-256 of the file's text.
+    pub hash: String,
+    pub source: Source,
+    pub loaded_at: SystemTime,
+    pub config: Arc<Config>,
+    pub tls: TlsMaterial,
+}
+
+impl Snapshot {
+    /// Reads and validates the whole configuration, and loads its certificate and key.
+    /// The error names the file, the key and the problem.
+    pub fn load(source: &Source, version: u64) -> Result<Snapshot, String> {
+        let (text, name, base) = match source {
+            Source::File(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+                (text, path.display().to_string(), path.parent().map(Path::to_path_buf).unwrap_or_default())
+            }
+            Source::Embedded => (config::DEFAULT_CONFIG_YAML.to_string(), source.describe(), PathBuf::from(".")),
+        };
+        let config = config::parse(&text, &name, &base).map_err(|e| e.to_string())?;
+        let tls = TlsMaterial::load(&config).map_err(|e| format!("{name}: `tls`: {e:#}"))?;
+        let hash = hex::encode(&Sha256::digest(text.as_bytes())[..8]);
+        Ok(Snapshot {
+            version,
+            hash,
+            source: source.clone(),
+            loaded_at: SystemTime::now(),
+            config: Arc::new(config),
+            tls,
+        })
+    }
+
+    /// Why `next` cannot be applied to a running Spooky, if it changes what needs new sockets
+    /// or threads.
+    pub fn restart_needed(&self, next: &Snapshot) -> Option<String> {
+        let (a, b) = (&self.config, &next.config);
+        if a.listen != b.listen {
+            return Some("`listen` changed: new sockets need a restart".into());
+        }
+        if a.workers.resolve() != b.workers.resolve() || a.pin_workers != b.pin_workers {
+            return Some("`workers`/`pin_workers` changed: new worker threads need a restart".into());
+        }
+        if a.admin.listen != b.admin.listen {
+            return Some("`admin.listen` changed: a new admin socket needs a restart".into());
+        }
+        None
+    }
+}

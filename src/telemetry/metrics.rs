@@ -1,0 +1,156 @@
+//! Prometheus metrics. Names follow Prometheus conventions: `spooky_` prefix, base units,
+//! `_total` for counters, `_seconds` / `_bytes` for histograms.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `spooky_requests_total` | counter | worker, route, pool, class (`2xx`…, `reset`) |
+//! | `spooky_request_duration_seconds` | histogram | worker, pool — request head to response end |
+//! | `spooky_upstream_response_seconds` | histogram | worker, pool — request sent to response head |
+//! | `spooky_connections_active`, `spooky_streams_active` | gauge | worker |
+//! | `spooky_connections_accepted_total`, `spooky_quic_handshakes_total` | counter | worker |
+//! | `spooky_packets_received_total`, `spooky_packets_sent_total` | counter | worker |
+//! | `spooky_packets_dropped_total` | counter | worker, reason |
+//! | `spooky_malformed_requests_total` | counter | worker |
+//! | `spooky_quic_rtt_seconds`, `spooky_quic_cwnd_bytes` | histogram | sampled from quiche when a connection closes |
+//! | `spooky_quic_packets_lost_total`, `spooky_quic_packets_retransmitted_total` | counter | worker |
+//! | `spooky_upstream_connects_total`, `spooky_upstream_failures_total{status}`, `spooky_upstream_resets_total`, `spooky_upstream_retries_total`, `spooky_requests_cancelled_total` | counter | |
+//! | `spooky_reloads_total` | counter | result (`ok`, `invalid`, `restart_required`) |
+//! | `spooky_config_version` | gauge | |
+//! | `spooky_access_log_dropped_total` | counter | |
+
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets (seconds): 50 µs to 30 s.
+const LATENCY_BUCKETS: [f64; 20] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 15.0, 20.0, 30.0,
+];
+/// Congestion-window buckets (bytes).
+const CWND_BUCKETS: [f64; 10] = [
+    4_096.0,
+    16_384.0,
+    65_536.0,
+    131_072.0,
+    262_144.0,
+    524_288.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+];
+
+/// Installs the process-wide recorder and returns the handle `/metrics` renders from.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_bytes".into()), &CWND_BUCKETS)?
+        .install_recorder()?;
+    Ok(handle)
+}
+
+/// Why a datagram was dropped.
+#[derive(Clone, Copy, Debug)]
+pub enum DropReason {
+    Unparseable = 0,
+    UnknownCid,
+    ShortInitial,
+    Rejected,
+    Draining,
+}
+
+const DROP_REASONS: [&str; 5] = ["unparseable", "unknown_cid", "short_initial", "rejected", "draining"];
+
+/// One worker's pre-registered metric handles.
+pub struct WorkerMetrics {
+    worker: String,
+    pub connections_active: Gauge,
+    pub streams_active: Gauge,
+    pub connections_accepted: Counter,
+    pub handshakes: Counter,
+    pub packets_received: Counter,
+    pub packets_sent: Counter,
+    pub malformed_requests: Counter,
+    pub quic_rtt: Histogram,
+    pub quic_cwnd: Histogram,
+    pub quic_lost: Counter,
+    pub quic_retransmitted: Counter,
+    dropped: [Counter; 5],
+}
+
+impl WorkerMetrics {
+    pub fn new(worker: usize) -> Self {
+        let w = worker.to_string();
+        let l = || [("worker", w.clone())];
+        WorkerMetrics {
+            connections_active: metrics::gauge!("spooky_connections_active", &l()),
+            streams_active: metrics::gauge!("spooky_streams_active", &l()),
+            connections_accepted: metrics::counter!("spooky_connections_accepted_total", &l()),
+            handshakes: metrics::counter!("spooky_quic_handshakes_total", &l()),
+            packets_received: metrics::counter!("spooky_packets_received_total", &l()),
+            packets_sent: metrics::counter!("spooky_packets_sent_total", &l()),
+            malformed_requests: metrics::counter!("spooky_malformed_requests_total", &l()),
+            quic_rtt: metrics::histogram!("spooky_quic_rtt_seconds", &l()),
+            quic_cwnd: metrics::histogram!("spooky_quic_cwnd_bytes", &l()),
+            quic_lost: metrics::counter!("spooky_quic_packets_lost_total", &l()),
+            quic_retransmitted: metrics::counter!("spooky_quic_packets_retransmitted_total", &l()),
+            dropped: DROP_REASONS
+                .map(|r| metrics::counter!("spooky_packets_dropped_total", "worker" => w.clone(), "reason" => r)),
+            worker: w,
+        }
+    }
+
+    pub fn dropped(&self, reason: DropReason) {
+        self.dropped[reason as usize].increment(1);
+    }
+
+    /// Handles for the requests of one route (or of none, for `route: None`).
+    pub fn route(&self, route: Option<(&str, &str)>) -> RouteMetrics {
+        let (route, pool) = route.unwrap_or(("none", "none"));
+        let labels = |class: &'static str| {
+            [
+                ("worker", self.worker.clone()),
+                ("route", route.to_string()),
+                ("pool", pool.to_string()),
+                ("class", class.to_string()),
+            ]
+        };
+        let pool_labels = [("worker", self.worker.clone()), ("pool", pool.to_string())];
+        RouteMetrics {
+            name: route.to_string(),
+            requests: CLASSES.map(|c| metrics::counter!("spooky_requests_total", &labels(c))),
+            total: metrics::histogram!("spooky_request_duration_seconds", &pool_labels),
+            upstream: metrics::histogram!("spooky_upstream_response_seconds", &pool_labels),
+        }
+    }
+}
+
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "reset"];
+
+/// One route's handles, built with the snapshot that defined the route. A stream keeps the
+/// handles of the route it matched, so a reload never relabels a request in flight.
+pub struct RouteMetrics {
+    pub name: String,
+    requests: [Counter; 6],
+    total: Histogram,
+    upstream: Histogram,
+}
+
+impl RouteMetrics {
+    /// Records a finished request: its outcome (`None`: reset), total and upstream durations.
+    pub fn finished(&self, status: Option<u16>, total: std::time::Duration, upstream: Option<std::time::Duration>) {
+        let class = match status {
+            Some(100..=199) => 0,
+            Some(200..=299) => 1,
+            Some(300..=399) => 2,
+            Some(400..=499) => 3,
+            Some(_) => 4,
+            None => 5,
+        };
+        self.requests[class].increment(1);
+        self.total.record(total.as_secs_f64());
+        if let Some(u) = upstream {
+            self.upstream.record(u.as_secs_f64());
+        }
+    }
+}

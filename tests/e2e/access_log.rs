@@ -1,0 +1,45 @@
+//! The access log, request ids and trace context.
+
+use crate::harness::{Backend, Spooky};
+use spooky::tools::h3client::{Body, Request};
+use std::time::{Duration, Instant};
+
+#[test]
+fn every_request_gets_one_json_line_and_a_forwarded_request_id() {
+    let backend = Backend::start("b");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let spooky = Spooky::in_front_of(&[(&backend, 1)], &format!("access_log: {{ target: {} }}", log.display()));
+    let mut client = spooky.client();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let echoed = client.request(Request::get("/headers").header("traceparent", traceparent)).unwrap();
+    client.request(Request::post("/echo", Body::Pattern(1234))).unwrap();
+    client.request(Request::get("/x").header("x-request-id", "client-chosen-id")).unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= 3 {
+            break text.lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
+        }
+        assert!(Instant::now() < deadline, "access log has: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(lines.len(), 3);
+    let [first, second, third] = [&lines[0], &lines[1], &lines[2]];
+    assert_eq!(
+        (first["method"].as_str(), first["path"].as_str(), first["status"].as_u64()),
+        (Some("GET"), Some("/headers"), Some(200))
+    );
+    assert_eq!(first["upstream"].as_str(), Some(backend.addr.to_string().as_str()));
+    assert!(first["upstream_time"].as_f64().unwrap() <= first["total_time"].as_f64().unwrap());
+    assert_eq!((second["bytes_in"].as_u64(), second["bytes_out"].as_u64()), (Some(1234), Some(1234)));
+    assert_eq!(third["request_id"].as_str(), Some("client-chosen-id"), "a client's id is kept");
+
+    // The generated id is what the backend saw; trace context passes through untouched.
+    let id = first["request_id"].as_str().unwrap();
+    assert_eq!(id.len(), 32);
+    let text = echoed.text();
+    assert!(text.lines().any(|l| l == format!("x-request-id: {id}")), "{text}");
+    assert!(text.lines().any(|l| l == format!("traceparent: {traceparent}")), "{text}");
+}
