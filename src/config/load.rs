@@ -129,6 +129,21 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
         if pool.backends.is_empty() {
             return Err(bad(format!("upstreams.{name}.backends"), "a pool needs at least one backend"));
         }
+        match (pool.balance.hashes(), &pool.hash_key) {
+            (true, None) => {
+                return Err(bad(
+                    format!("upstreams.{name}.hash_key"),
+                    format!("`{:?}` needs a `hash_key`", pool.balance),
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(bad(
+                    format!("upstreams.{name}.hash_key"),
+                    "only `ring_hash` and `maglev` use a `hash_key`".to_string(),
+                ))
+            }
+            _ => {}
+        }
         for (i, b) in pool.backends.iter_mut().enumerate() {
             let key = format!("upstreams.{name}.backends[{i}]");
             if b.weight == 0 || b.weight > 10_000 {
@@ -152,6 +167,29 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
         if !r.path_prefix.starts_with('/') {
             return Err(bad(format!("{key}.path_prefix"), format!("must start with `/`, got `{}`", r.path_prefix)));
         }
+        if let Some(exact) = &r.path_exact {
+            if !exact.starts_with('/') || exact.contains('?') {
+                return Err(bad(
+                    format!("{key}.path_exact"),
+                    format!("must start with `/` and hold no query, got `{exact}`"),
+                ));
+            }
+        }
+        for (j, m) in r.methods.iter().enumerate() {
+            if http::Method::from_bytes(m.as_bytes()).is_err() || m.bytes().any(|b| b.is_ascii_lowercase()) {
+                return Err(bad(format!("{key}.methods[{j}]"), format!("`{m}` is not an upper-case HTTP method")));
+            }
+        }
+        for (j, h) in r.headers.iter().enumerate() {
+            if http::HeaderName::from_bytes(h.name.as_bytes()).is_err()
+                || h.name.bytes().any(|b| b.is_ascii_uppercase())
+            {
+                return Err(bad(
+                    format!("{key}.headers[{j}].name"),
+                    format!("`{}` is not a lower-case header name", h.name),
+                ));
+            }
+        }
         let host = r.host.strip_prefix("*.").unwrap_or(&r.host);
         let valid_host = r.host == "*"
             || (!host.is_empty()
@@ -162,6 +200,9 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
                 format!("`{}` is not `*`, a lower-case host name, or `*.suffix`", r.host),
             ));
         }
+    }
+    if http::StatusCode::from_u16(c.no_route.status).is_err() || c.no_route.status < 200 {
+        return Err(bad("no_route.status", format!("`{}` is not a final HTTP status", c.no_route.status)));
     }
     if c.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
         return Err(bad("log.level", format!("`{}` is not a valid log filter", c.log.level)));

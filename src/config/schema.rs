@@ -34,6 +34,9 @@ pub struct Config {
     pub upstreams: BTreeMap<String, Upstream>,
     /// Routes, matched in declared order; the first match wins.
     pub routes: Vec<Route>,
+    /// The answer when no route matches.
+    #[serde(default)]
+    pub no_route: NoRoute,
     #[serde(default)]
     pub log: Log,
     #[serde(default)]
@@ -224,15 +227,38 @@ pub struct Upstream {
     /// Balancing algorithm.
     #[serde(default)]
     pub balance: Balance,
+    /// What consistent-hashing algorithms (`ring_hash`, `maglev`) hash.
+    #[serde(default)]
+    pub hash_key: Option<HashKey>,
 }
 
-/// Balancing algorithms. More arrive with the balancing issue; each is one file in `lb`.
+/// Balancing algorithms; each is one file in `lb` and honours backend weights.
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
     /// Smooth weighted round robin (nginx's algorithm).
     #[default]
     RoundRobin,
+}
+
+impl Balance {
+    /// Whether the algorithm needs a `hash_key`.
+    pub fn hashes(self) -> bool {
+        false
+    }
+}
+
+/// The request property consistent hashing keys on.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum HashKey {
+    /// A request header's value (`{ header: x-user-id }`).
+    Header(String),
+    /// A cookie's value (`{ cookie: session }`).
+    Cookie(String),
+    ClientIp,
+    Path,
+    Authority,
 }
 
 /// One backend of a pool.
@@ -256,20 +282,55 @@ fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
-/// A route: requests whose host and path match go to `upstream`.
+/// A route: requests that match every condition go to `upstream`. Routes are tried in
+/// declared order and the first match wins, so put specific routes before general ones.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
-    /// Name used in metrics and access logs (default: `host` + `path_prefix`).
+    /// Name used in metrics and access logs (default: `host` + path).
     #[serde(default)]
     pub name: Option<String>,
     /// `example.com`, `*.example.com`, or `*` (default) for any host.
     #[serde(default = "any_host")]
     pub host: String,
-    /// Path prefix, starting with `/`.
+    /// Path prefix, starting with `/` (default `/`). Ignored when `path_exact` is set.
     #[serde(default = "root")]
     pub path_prefix: String,
+    /// Exact path (the query string is not part of the comparison).
+    #[serde(default)]
+    pub path_exact: Option<String>,
+    /// Methods this route accepts (default: any).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Header conditions: presence, or an exact value.
+    #[serde(default)]
+    pub headers: Vec<HeaderMatch>,
     pub upstream: String,
+}
+
+/// A header condition of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// Lower-case header name.
+    pub name: String,
+    /// Required value; absent means the header only has to be present.
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// What Spooky answers when no route matches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NoRoute {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Default for NoRoute {
+    fn default() -> Self {
+        NoRoute { status: 404, body: "no route matches".into() }
+    }
 }
 
 fn any_host() -> String {
@@ -297,7 +358,9 @@ impl Default for Log {
 impl Route {
     /// The route's name in metrics and logs.
     pub fn label(&self) -> String {
-        self.name.clone().unwrap_or_else(|| format!("{}{}", self.host, self.path_prefix))
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("{}{}", self.host, self.path_exact.as_ref().unwrap_or(&self.path_prefix)))
     }
 }
 

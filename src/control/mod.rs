@@ -219,7 +219,7 @@ impl Control {
                 return Err(why);
             }
         };
-        if next.hash == self.current.hash {
+        if next.fingerprint == self.current.fingerprint {
             tracing::debug!(reason, "configuration unchanged");
             return Ok(self.current.version);
         }

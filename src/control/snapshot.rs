@@ -30,6 +30,9 @@ pub struct Snapshot {
     pub version: u64,
     /// First 16 hex digits of the SHA-256 of the file's text.
     pub hash: String,
+    /// SHA-256 of the text and of the certificate and key files it names: equal fingerprints
+    /// mean a reload would change nothing.
+    pub fingerprint: [u8; 32],
     pub source: Source,
     pub loaded_at: SystemTime,
     pub config: Arc<Config>,
@@ -51,9 +54,18 @@ impl Snapshot {
         let config = config::parse(&text, &name, &base).map_err(|e| e.to_string())?;
         let tls = TlsMaterial::load(&config).map_err(|e| format!("{name}: `tls`: {e:#}"))?;
         let hash = hex::encode(&Sha256::digest(text.as_bytes())[..8]);
+        let mut fp = Sha256::new();
+        fp.update(text.as_bytes());
+        if config.tls.self_signed.is_none() {
+            // Files may change under an unchanged config: they count. (A self-signed
+            // certificate is new on every load and is not worth a reload by itself.)
+            fp.update(&tls.chain_pem);
+            fp.update(&tls.key_pem);
+        }
         Ok(Snapshot {
             version,
             hash,
+            fingerprint: fp.finalize().into(),
             source: source.clone(),
             loaded_at: SystemTime::now(),
             config: Arc::new(config),

@@ -11,6 +11,7 @@
 use super::worker::WorkerCtx;
 use crate::bridge::exchange::{Exchange, Failure, SharedExchange, StreamKey};
 use crate::bridge::{h3_error, request, response};
+use crate::route::RequestView;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::RouteMetrics;
 use crate::transport::forward::{self, Outbound};
@@ -293,8 +294,14 @@ impl Connection {
         if head.method == http::Method::CONNECT {
             exchange.borrow_mut().respond_locally(http::StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
         } else {
-            match ctx.router.route(&head.authority, &head.path) {
-                None => exchange.borrow_mut().respond_locally(http::StatusCode::NOT_FOUND, "no route matches"),
+            let view = RequestView {
+                authority: &head.authority,
+                path: &head.path,
+                method: &head.method,
+                headers: &head.headers,
+            };
+            match ctx.router.route(&view) {
+                None => exchange.borrow_mut().respond_locally(ctx.no_route.0, &ctx.no_route.1),
                 Some(m) => {
                     route = ctx.route_metrics[m.route].clone();
                     let out = Outbound {

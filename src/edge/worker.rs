@@ -55,6 +55,8 @@ pub struct WorkerCtx {
     pub unrouted_metrics: Rc<RouteMetrics>,
     pub upstreams: Rc<Upstreams>,
     pub header_policy: HeaderPolicy,
+    /// Status and body when no route matches.
+    pub no_route: (http::StatusCode, String),
     pub metrics: WorkerMetrics,
     pub access_log: AccessLogger,
     pub request_ids: Rc<RefCell<RequestIds>>,
@@ -89,6 +91,10 @@ impl WorkerCtx {
             unrouted_metrics: Rc::new(metrics.route(None)),
             upstreams,
             header_policy: config.headers.clone(),
+            no_route: (
+                http::StatusCode::from_u16(config.no_route.status).unwrap_or(http::StatusCode::NOT_FOUND),
+                config.no_route.body.clone(),
+            ),
             metrics,
             access_log,
             request_ids,

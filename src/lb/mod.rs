@@ -9,6 +9,7 @@ pub mod round_robin;
 
 use crate::config::{Balance, Upstream};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// Index of a backend within its pool.
 pub type BackendId = usize;
@@ -20,6 +21,9 @@ pub struct PickContext<'a> {
     pub authority: &'a str,
     pub path: &'a str,
     pub client: SocketAddr,
+    /// Hash of the pool's `hash_key` for this request (consistent-hashing algorithms only;
+    /// `None` when the key is absent from the request, e.g. no such header).
+    pub hash: Option<u64>,
     /// Backends not to return (e.g. the one a retry just failed on).
     pub excluded: &'a [BackendId],
 }
@@ -28,6 +32,11 @@ pub struct PickContext<'a> {
 pub trait Balancer {
     /// Picks a backend, or `None` when every backend is excluded.
     fn pick(&mut self, ctx: &PickContext<'_>) -> Option<BackendId>;
+    /// A request was sent to `backend` (load-aware algorithms count it).
+    fn on_start(&mut self, _backend: BackendId) {}
+    /// A request to `backend` ended; `latency` is the time to the response head, `ok` is false
+    /// for gateway failures (connect errors, resets, 502/503/504).
+    fn on_end(&mut self, _backend: BackendId, _latency: Duration, _ok: bool) {}
 }
 
 /// Builds the configured algorithm for a pool.

@@ -41,7 +41,7 @@ mod tests {
     use super::*;
 
     fn ctx(excluded: &[BackendId]) -> PickContext<'_> {
-        PickContext { method: "GET", authority: "a", path: "/", client: "127.0.0.1:1".parse().unwrap(), excluded }
+        PickContext { method: "GET", authority: "a", path: "/", client: "127.0.0.1:1".parse().unwrap(), hash: None, excluded }
     }
 
     #[test]

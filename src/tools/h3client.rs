@@ -237,6 +237,11 @@ impl Client {
         Ok(results.into_iter().map(|r| r.expect("every request finished")).collect())
     }
 
+    /// The server's leaf certificate (DER), as presented in the handshake.
+    pub fn peer_cert(&self) -> Option<Vec<u8>> {
+        self.conn.peer_cert().map(<[u8]>::to_vec)
+    }
+
     /// Closes the connection cleanly (H3_NO_ERROR).
     pub fn close(mut self) {
         let _ = self.conn.close(true, 0x100, b"");

@@ -56,6 +56,7 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
             authority: parts.uri.authority().map(|a| a.as_str()).unwrap_or(""),
             path: parts.uri.path(),
             client,
+            hash: None,
             excluded: &[],
         };
         up.balancers.borrow_mut()[pool_idx].pick(&ctx)

@@ -252,3 +252,36 @@ fn a_second_signal_exits_at_once() {
     assert_eq!(status.code(), Some(1));
     let _ = slow.join();
 }
+
+#[test]
+fn certificates_are_reread_on_reload_and_live_connections_keep_theirs() {
+    let a = Backend::start("a");
+    let dir = tempfile::tempdir().unwrap();
+    let write_cert = |name: &str| -> Vec<u8> {
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+        ck.cert.der().to_vec()
+    };
+    let first = write_cert("localhost");
+    let tls = format!("tls: {{ cert: {0}/cert.pem, key: {0}/key.pem }}", dir.path().display());
+    let text = config(&pool("main", &[(&a, 1)]), "  - { upstream: main }\n")
+        .replace("tls: { self_signed: [localhost] }", &tls);
+    let spooky = Spooky::start(&text);
+    let mut old = spooky.client();
+    assert_eq!(old.peer_cert(), Some(first.clone()));
+
+    let second = write_cert("localhost");
+    // Same config text, new files: a reload (SIGHUP) still re-reads them.
+    spooky.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fresh = spooky.client();
+        if fresh.peer_cert() == Some(second.clone()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "new handshakes never got the new certificate");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(old.request(Request::get("/")).unwrap().status, 200, "the live connection is untouched");
+}

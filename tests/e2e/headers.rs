@@ -82,3 +82,36 @@ fn smooth_weighted_round_robin_follows_weights() {
     let count = |name: &str| responses.iter().filter(|r| r.header("x-backend") == Some(name)).count();
     assert_eq!((count("a"), count("b")), (300, 100));
 }
+
+#[test]
+fn routes_match_methods_headers_and_exact_paths_and_no_route_is_configurable() {
+    let (reads, writes, canary) = (Backend::start("reads"), Backend::start("writes"), Backend::start("canary"));
+    let spooky = Spooky::start(&format!(
+        "listen: 127.0.0.1:0
+workers: 2
+tls: {{ self_signed: [localhost] }}
+no_route: {{ status: 421, body: not served here }}
+upstreams:
+  reads: {{ backends: [{{ address: \"{}\" }}] }}
+  writes: {{ backends: [{{ address: \"{}\" }}] }}
+  canary: {{ backends: [{{ address: \"{}\" }}] }}
+routes:
+  - {{ path_exact: /status/204, upstream: canary }}
+  - {{ path_prefix: /api/, methods: [POST, PUT], upstream: writes }}
+  - {{ path_prefix: /api/, headers: [{{ name: x-canary, value: \"1\" }}], upstream: canary }}
+  - {{ path_prefix: /api/, upstream: reads }}
+",
+        reads.addr, writes.addr, canary.addr
+    ));
+    let mut c = spooky.client();
+    let backend = |c: &mut spooky::tools::h3client::Client, req: Request| c.request(req).unwrap();
+    assert_eq!(backend(&mut c, Request::get("/api/x")).header("x-backend"), Some("reads"));
+    let post = Request::post("/api/x", spooky::tools::h3client::Body::Bytes("x".into()));
+    assert_eq!(backend(&mut c, post).header("x-backend"), Some("writes"));
+    assert_eq!(backend(&mut c, Request::get("/api/x").header("x-canary", "1")).header("x-backend"), Some("canary"));
+    assert_eq!(backend(&mut c, Request::get("/api/x").header("x-canary", "2")).header("x-backend"), Some("reads"));
+    assert_eq!(backend(&mut c, Request::get("/status/204?q")).status, 204);
+    let r = backend(&mut c, Request::get("/status/204/more"));
+    assert_eq!(r.status, 421);
+    assert!(r.text().contains("not served here"), "{}", r.text());
+}
