@@ -4,12 +4,13 @@
 //! Modules follow the data path:
 //! [`config`] → [`control`] (start-up) → [`edge`] (QUIC/HTTP/3, per worker) → [`bridge`]
 //! (HTTP/3 ⇄ HTTP/2 mapping) → [`route`] → [`lb`] → [`transport`] (HTTP/2 pool) → backends.
-//! [`telemetry`] serves logs and metrics; [`tools`] holds the demo backend and HTTP/3 client.
+//! [`health`] tells which backends to avoid; [`telemetry`] serves logs and metrics; [`tools`] holds the demo backend and HTTP/3 client.
 
 pub mod bridge;
 pub mod config;
 pub mod control;
 pub mod edge;
+pub mod health;
 pub mod lb;
 pub mod route;
 pub mod telemetry;

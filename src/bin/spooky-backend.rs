@@ -20,6 +20,12 @@ struct Cli {
     /// Name reported in `x-backend`.
     #[arg(short, long, default_value = "demo")]
     name: String,
+    /// Answer every request (but /peek/) with this status: a broken backend for tests.
+    #[arg(long)]
+    fail_status: Option<u16>,
+    /// Delay every response head by this many milliseconds: a slow backend for tests.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,5 +34,7 @@ fn main() -> anyhow::Result<()> {
         listen: cli.listen,
         threads: cli.threads,
         name: cli.name,
+        fail_status: cli.fail_status,
+        delay: std::time::Duration::from_millis(cli.delay_ms),
     })
 }

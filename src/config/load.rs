@@ -144,12 +144,24 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
             }
             _ => {}
         }
+        validate_resilience(name, pool)?;
         for (i, b) in pool.backends.iter_mut().enumerate() {
             let key = format!("upstreams.{name}.backends[{i}]");
             if b.weight == 0 || b.weight > 10_000 {
                 return Err(bad(format!("{key}.weight"), format!("must be 1..=10000, got {}", b.weight)));
             }
             b.addr = resolve(&b.address).map_err(|p| bad(format!("{key}.address"), p))?;
+        }
+    }
+    let names: Vec<String> = c.upstreams.keys().cloned().collect();
+    for (name, pool) in &c.upstreams {
+        if let Some(f) = &pool.fallback {
+            if f == name || !names.contains(f) {
+                return Err(bad(
+                    format!("upstreams.{name}.fallback"),
+                    format!("`{f}` must name another pool (defined: {})", names.join(", ")),
+                ));
+            }
         }
     }
     if c.routes.is_empty() {
@@ -166,6 +178,19 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
         }
         if !r.path_prefix.starts_with('/') {
             return Err(bad(format!("{key}.path_prefix"), format!("must start with `/`, got `{}`", r.path_prefix)));
+        }
+        let rt = &r.retries;
+        if rt.attempts > 10 {
+            return Err(bad(format!("{key}.retries.attempts"), "at most 10"));
+        }
+        if !(1..=100).contains(&rt.budget_percent) {
+            return Err(bad(format!("{key}.retries.budget_percent"), "must be 1..=100"));
+        }
+        if let Some(s) = rt.statuses.iter().find(|s| !(100..=599).contains(*s)) {
+            return Err(bad(format!("{key}.retries.statuses"), format!("{s} is not an HTTP status")));
+        }
+        if rt.per_try_timeout.is_some_and(|t| t.0.is_zero()) || r.request_timeout.is_some_and(|t| t.0.is_zero()) {
+            return Err(bad(key.clone(), "timeouts must be greater than zero"));
         }
         if let Some(exact) = &r.path_exact {
             if !exact.starts_with('/') || exact.contains('?') {
@@ -237,6 +262,32 @@ fn validate_tls(tls: &mut Tls, base: &Path) -> Result<(), Invalid> {
             ));
         }
         *slot = Some(path);
+    }
+    Ok(())
+}
+
+fn validate_resilience(name: &str, pool: &Upstream) -> Result<(), Invalid> {
+    let key = format!("upstreams.{name}");
+    if let Some(h) = &pool.health_check {
+        if !h.path.starts_with('/') {
+            return Err(bad(format!("{key}.health_check.path"), "must start with `/`"));
+        }
+        if h.interval.0.is_zero() || h.timeout.0.is_zero() || h.timeout.0 > h.interval.0 {
+            return Err(bad(format!("{key}.health_check"), "need 0 < timeout <= interval"));
+        }
+        if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
+            return Err(bad(format!("{key}.health_check"), "thresholds must be at least 1"));
+        }
+    }
+    let o = &pool.outlier;
+    if o.consecutive_failures == 0 || o.max_ejected_percent > 100 || o.base_ejection.0.is_zero() {
+        return Err(bad(
+            format!("{key}.outlier"),
+            "need consecutive_failures >= 1, base_ejection > 0, max_ejected_percent <= 100",
+        ));
+    }
+    if pool.circuit_breaker.max_active == 0 || pool.circuit_breaker.max_pending == 0 {
+        return Err(bad(format!("{key}.circuit_breaker"), "limits must be at least 1"));
     }
     Ok(())
 }

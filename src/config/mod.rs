@@ -5,9 +5,11 @@
 //! names the file, the key path and what is wrong.
 
 mod load;
+mod resilience;
 mod schema;
 mod units;
 
 pub use load::{load, parse, ConfigError, DEFAULT_CONFIG_YAML};
+pub use resilience::*;
 pub use schema::*;
 pub use units::{ByteSize, Seconds};

@@ -1,6 +1,7 @@
 //! The configuration schema, as written in `config.yaml`. Every struct rejects unknown keys so a
 //! typo is an error rather than a silently ignored setting. Defaults live next to each field.
 
+use super::resilience::{CircuitBreaker, HealthCheck, Outlier, Retries};
 use super::units::{ByteSize, Seconds};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -230,6 +231,16 @@ pub struct Upstream {
     /// What consistent-hashing algorithms (`ring_hash`, `maglev`) hash.
     #[serde(default)]
     pub hash_key: Option<HashKey>,
+    /// Active health checks (off when absent).
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    #[serde(default)]
+    pub outlier: Outlier,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreaker,
+    /// Pool to use when none of this pool's backends is available (healthy, not ejected).
+    #[serde(default)]
+    pub fallback: Option<String>,
 }
 
 /// Balancing algorithms; each is one file in `lb` and honours backend weights.
@@ -239,12 +250,22 @@ pub enum Balance {
     /// Smooth weighted round robin (nginx's algorithm).
     #[default]
     RoundRobin,
+    /// Weighted random.
+    Random,
+    /// Fewest outstanding requests per unit of weight among two weighted-random candidates.
+    LeastRequest,
+    /// Lowest peak-EWMA latency × outstanding requests among two weighted-random candidates.
+    PeakEwma,
+    /// Consistent hashing of `hash_key` on a ring of virtual nodes (ketama).
+    RingHash,
+    /// Consistent hashing of `hash_key` through a Maglev lookup table.
+    Maglev,
 }
 
 impl Balance {
     /// Whether the algorithm needs a `hash_key`.
     pub fn hashes(self) -> bool {
-        false
+        matches!(self, Balance::RingHash | Balance::Maglev)
     }
 }
 
@@ -306,6 +327,11 @@ pub struct Route {
     #[serde(default)]
     pub headers: Vec<HeaderMatch>,
     pub upstream: String,
+    /// Overrides `timeouts.request` for this route.
+    #[serde(default)]
+    pub request_timeout: Option<Seconds>,
+    #[serde(default)]
+    pub retries: Retries,
 }
 
 /// A header condition of a route.

@@ -17,7 +17,9 @@ mod watch;
 
 use crate::edge::socket::{bind_reuseport, EdgeSocket};
 use crate::edge::worker::{Worker, WorkerCtx};
+use crate::health::{active, HealthView};
 use crate::telemetry::{access_log, metrics as telemetry_metrics};
+use crate::transport::pool::Settings as H2Settings;
 use anyhow::Context as _;
 use crossbeam_channel::{Receiver, Sender};
 use snapshot::{Snapshot, Source};
@@ -35,6 +37,8 @@ pub enum Event {
     Shutdown,
     /// A worker thread ended (after draining, or by failing).
     WorkerExited { id: usize, error: Option<String> },
+    /// Active health checking changed its verdicts.
+    Health(HealthView),
 }
 
 /// What the control thread tells a worker.
@@ -43,6 +47,8 @@ pub enum ToWorker {
     Apply(Arc<Snapshot>),
     /// Stop accepting, send GOAWAY, finish in-flight requests, close by `deadline`.
     Drain { deadline: Instant },
+    /// New verdicts of active health checking.
+    Health(Arc<HealthView>),
 }
 
 /// A worker's receiving end before it runs: the channel, and a datagram socket whose
@@ -156,6 +162,10 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "cannot watch the configuration file; SIGHUP still reloads");
         }
     }
+    let health_events = events_tx.clone();
+    let checker = active::start(active::targets(&config), H2Settings::from_config(&config), move |view| {
+        let _ = health_events.send(Event::Health(view));
+    })?;
     admin_state.ready.store(true, Ordering::Relaxed);
     ::metrics::gauge!("spooky_config_version").set(first.version as f64);
     let addrs: Vec<String> = listen.iter().map(ToString::to_string).collect();
@@ -163,7 +173,7 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
     tracing::info!(workers, listen = %addrs.join(","), admin = %admin_text, version = first.version,
         hash = %first.hash, "spooky ready");
 
-    let mut control = Control { links, admin: admin_state, current: first, draining: false };
+    let mut control = Control { links, admin: admin_state, current: first, draining: false, checker };
     let mut running = workers;
     while running > 0 {
         match events_rx.recv().expect("the control thread holds a sender") {
@@ -178,6 +188,12 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
             Event::Shutdown => control.drain(),
+            Event::Health(view) => {
+                let view = Arc::new(view);
+                for link in &control.links {
+                    link.send(ToWorker::Health(view.clone()));
+                }
+            }
             Event::WorkerExited { id, error } => {
                 running -= 1;
                 if let Some(e) = error {
@@ -202,6 +218,7 @@ struct Control {
     admin: Arc<admin::AdminState>,
     current: Arc<Snapshot>,
     draining: bool,
+    checker: active::Checker,
 }
 
 impl Control {
@@ -233,6 +250,7 @@ impl Control {
             link.send(ToWorker::Apply(next.clone()));
         }
         *self.admin.current.lock().expect("not poisoned") = next.clone();
+        self.checker.update(active::targets(&next.config), H2Settings::from_config(&next.config));
         ::metrics::counter!("spooky_reloads_total", "result" => "ok").increment(1);
         ::metrics::gauge!("spooky_config_version").set(next.version as f64);
         tracing::info!(reason, version = next.version, hash = %next.hash, "configuration reloaded");

@@ -309,6 +309,7 @@ impl Connection {
                         has_body: more_frames,
                         pool: m.pool,
                         client: self.peer,
+                        policy: ctx.route_policies[m.route].clone(),
                     };
                     monoio::spawn(forward::forward(ctx.upstreams.clone(), exchange.clone(), out));
                 }

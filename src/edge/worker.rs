@@ -27,6 +27,7 @@ use crate::control::{AttachedInbox, ToWorker};
 use crate::route::Router;
 use crate::telemetry::access_log::AccessLogger;
 use crate::telemetry::metrics::{DropReason, RouteMetrics, WorkerMetrics};
+use crate::transport::forward::RoutePolicy;
 use crate::transport::Upstreams;
 use std::cell::RefCell;
 use std::cmp::Reverse;
@@ -50,6 +51,8 @@ pub struct WorkerCtx {
     pub h3_config: quiche::h3::Config,
     pub notifier: Rc<Notifier>,
     pub router: Router,
+    /// Upstream policy per route (by route index).
+    pub route_policies: Vec<Rc<RoutePolicy>>,
     /// Metric handles per route (by route index), and for requests no route matched.
     pub route_metrics: Vec<Rc<RouteMetrics>>,
     pub unrouted_metrics: Rc<RouteMetrics>,
@@ -87,6 +90,7 @@ impl WorkerCtx {
             h3_config: tls::h3_config(config)?,
             notifier,
             router,
+            route_policies: config.routes.iter().map(|r| Rc::new(RoutePolicy::new(r, config))).collect(),
             route_metrics,
             unrouted_metrics: Rc::new(metrics.route(None)),
             upstreams,
@@ -272,6 +276,7 @@ impl Worker {
         while let Ok(msg) = self.inbox.rx.try_recv() {
             match msg {
                 ToWorker::Apply(snap) => self.apply(&snap),
+                ToWorker::Health(view) => *self.ctx.upstreams.health.borrow_mut() = view,
                 ToWorker::Drain { deadline } => {
                     tracing::info!(worker = self.id, connections = self.conns.len(), "draining");
                     self.drain_deadline = Some(deadline);

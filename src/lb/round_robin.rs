@@ -41,7 +41,14 @@ mod tests {
     use super::*;
 
     fn ctx(excluded: &[BackendId]) -> PickContext<'_> {
-        PickContext { method: "GET", authority: "a", path: "/", client: "127.0.0.1:1".parse().unwrap(), hash: None, excluded }
+        PickContext {
+            method: "GET",
+            authority: "a",
+            path: "/",
+            client: "127.0.0.1:1".parse().unwrap(),
+            hash: None,
+            excluded,
+        }
     }
 
     #[test]
@@ -68,5 +75,14 @@ mod tests {
             assert_eq!(rr.pick(&ctx(&[0])), Some(1));
         }
         assert_eq!(rr.pick(&ctx(&[0, 1])), None);
+    }
+
+    #[test]
+    fn single_backend() {
+        let mut rr = SmoothWeighted::new(&[4]);
+        for _ in 0..10 {
+            assert_eq!(rr.pick(&ctx(&[])), Some(0));
+        }
+        assert_eq!(rr.pick(&ctx(&[0])), None);
     }
 }

@@ -138,6 +138,8 @@ mod tests {
             methods: vec![],
             headers: vec![],
             upstream: up.into(),
+            request_timeout: None,
+            retries: Default::default(),
         }
     }
 

@@ -10,6 +10,8 @@
 //! | `/status/CODE` | that status with a short body |
 //! | `/trailers` | body `ok` with trailers `grpc-status: 0`, `x-trailer: yes` |
 //! | `/reset-after/N` | N pattern bytes, then `RST_STREAM(INTERNAL_ERROR)` |
+//! | `/count/KEY` | counts a request under KEY (any method; the body is read), answers the count |
+//! | `/peek/KEY` | the count under KEY, without counting |
 //! | anything else | `200`, body `hello from <name>` |
 //!
 //! Query parameters on any path: `delay_ms=N` waits before the response head, `status=N`
@@ -35,6 +37,20 @@ pub struct Options {
     pub threads: usize,
     /// Reported in `x-backend` and the default body, to tell backends apart.
     pub name: String,
+    /// Answer every request with this status (simulates a failing backend).
+    pub fail_status: Option<u16>,
+    /// Wait this long before every response head (simulates a slow backend).
+    pub delay: Duration,
+}
+
+/// Request counts by key, for `/count/` and `/peek/` (tests check what reached a backend).
+static COUNTS: std::sync::Mutex<Option<std::collections::HashMap<String, u64>>> = std::sync::Mutex::new(None);
+
+fn count(key: &str, add: u64) -> u64 {
+    let mut guard = COUNTS.lock().expect("not poisoned");
+    let n = guard.get_or_insert_with(Default::default).entry(key.to_string()).or_insert(0);
+    *n += add;
+    *n
 }
 
 /// Serves forever on `opts.listen`. Returns only on a start-up error.
@@ -48,13 +64,14 @@ pub fn serve(opts: Options) -> anyhow::Result<()> {
     }
     eprintln!("spooky-backend {} listening on {addr} (h2c)", opts.name);
     let name = opts.name;
+    let behaviour = Behaviour { fail_status: opts.fail_status, delay: opts.delay };
     let threads: Vec<_> = listeners
         .into_iter()
         .map(|l| {
             let name = name.clone();
             std::thread::spawn(move || -> anyhow::Result<()> {
                 let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build()?;
-                rt.block_on(accept_loop(l, Rc::from(name.as_str())))
+                rt.block_on(accept_loop(l, Rc::from(name.as_str()), behaviour))
             })
         })
         .collect();
@@ -75,7 +92,14 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
-async fn accept_loop(l: std::net::TcpListener, name: Rc<str>) -> anyhow::Result<()> {
+/// Backend-wide behaviour for tests (see [`Options`]).
+#[derive(Clone, Copy)]
+struct Behaviour {
+    fail_status: Option<u16>,
+    delay: Duration,
+}
+
+async fn accept_loop(l: std::net::TcpListener, name: Rc<str>, behaviour: Behaviour) -> anyhow::Result<()> {
     let listener = monoio::net::TcpListener::from_std(l)?;
     loop {
         let (tcp, _) = match listener.accept().await {
@@ -86,11 +110,11 @@ async fn accept_loop(l: std::net::TcpListener, name: Rc<str>) -> anyhow::Result<
             }
         };
         let _ = tcp.set_nodelay(true);
-        monoio::spawn(serve_connection(tcp, name.clone()));
+        monoio::spawn(serve_connection(tcp, name.clone(), behaviour));
     }
 }
 
-async fn serve_connection(tcp: monoio::net::TcpStream, name: Rc<str>) {
+async fn serve_connection(tcp: monoio::net::TcpStream, name: Rc<str>, behaviour: Behaviour) {
     let Ok(io) = tcp.into_poll_io() else { return };
     let conn = h2::server::Builder::new()
         .initial_window_size(1 << 20)
@@ -102,14 +126,15 @@ async fn serve_connection(tcp: monoio::net::TcpStream, name: Rc<str>) {
     let Ok(mut conn) = conn else { return };
     while let Some(next) = conn.accept().await {
         let Ok((req, respond)) = next else { return };
-        monoio::spawn(handle(req, respond, name.clone()));
+        monoio::spawn(handle(req, respond, name.clone(), behaviour));
     }
 }
 
-async fn handle(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, name: Rc<str>) {
+async fn handle(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, name: Rc<str>, behaviour: Behaviour) {
     let query = Query::parse(req.uri().query().unwrap_or(""));
-    if query.delay_ms > 0 {
-        monoio::time::sleep(Duration::from_millis(query.delay_ms)).await;
+    let delay = Duration::from_millis(query.delay_ms) + behaviour.delay;
+    if !delay.is_zero() {
+        monoio::time::sleep(delay).await;
     }
     let path = req.uri().path().to_string();
     let respond = &mut respond;
@@ -122,6 +147,14 @@ async fn handle(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, name
         r.body(()).expect("valid response head")
     };
     let parts: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
+    if let Some(code) = behaviour.fail_status.filter(|_| parts[0] != "peek") {
+        if parts[0] == "count" {
+            count(parts.get(1).copied().unwrap_or(""), 1);
+        }
+        let code = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let text = format!("forced failure {}\n", code.as_u16());
+        return send_text(respond, head(code, Some(text.len() as u64)), text).await;
+    }
     match (parts[0], parts.get(1).copied()) {
         ("bytes", Some(n)) => {
             let n: u64 = n.parse().unwrap_or(0);
@@ -176,6 +209,18 @@ async fn handle(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, name
                 hasher.update(&chunk);
             }
             let text = format!("{{\"bytes\":{n},\"sha256\":\"{}\"}}", hex::encode(hasher.finalize()));
+            send_text(respond, head(status(200), Some(text.len() as u64)), text).await;
+        }
+        ("count", Some(key)) => {
+            let mut body = req.into_body();
+            while let Some(Ok(chunk)) = body.data().await {
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            let text = format!("{}\n", count(key, 1));
+            send_text(respond, head(status(200), Some(text.len() as u64)), text).await;
+        }
+        ("peek", Some(key)) => {
+            let text = format!("{}\n", count(key, 0));
             send_text(respond, head(status(200), Some(text.len() as u64)), text).await;
         }
         ("headers", _) => {

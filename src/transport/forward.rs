@@ -1,26 +1,52 @@
 //! Carries one request upstream and its response back, as a task on the worker's runtime.
 //!
-//! Order of events: pick a backend → get its HTTP/2 connection → wait for a stream slot →
-//! send the head → (request body pumped by its own task, so upload and download overlap) →
-//! await the response head (bounded by `timeouts.request`) → stream the body → trailers.
+//! Per attempt: select a backend ([`super::select`]) → get its HTTP/2 connection → wait for a
+//! stream slot → send the head → (request body pumped by its own task, so upload and download
+//! overlap) → await the response head → stream the body → trailers.
 //!
-//! Failures before the response head become local responses: 502 when the backend refused,
-//! reset or broke the exchange, 504 when it did not answer in time. After the head they reset
-//! the client's stream, so a truncated body can never pass for a complete one.
+//! Failures before the response head are retried when the route's policy asks for it and it
+//! is safe: connect failures and refused streams always are (nothing reached the backend);
+//! resets, timeouts and retryable statuses only for idempotent requests without a body.
+//! Retries go to a backend not tried yet and must fit the worker's retry budget. What is not
+//! retried becomes a local response: 502 (refused, reset, broken), 503 (circuit open, no
+//! backend), 504 (no answer in time). After the head, failures reset the client's stream, so a
+//! truncated body can never pass for a complete one.
 
 use super::pool::{self, Pooled};
-use super::Upstreams;
+use super::select::{self, Selection};
+use super::{InFlight, LoadGuard, Upstreams};
 use crate::bridge::exchange::{Failure, RequestItem, SharedExchange};
 use crate::bridge::h3_error;
-use crate::lb::PickContext;
+use crate::config::{Config, HashKey, Retries, RetryOn, Route};
 use bytes::Bytes;
-use h2::SendStream;
-use http::StatusCode;
+use h2::{RecvStream, SendStream};
+use http::{Method, Response, StatusCode};
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
 use std::task::Poll;
+use std::time::{Duration, Instant};
+
+/// A route's upstream policy, shared by its requests.
+pub struct RoutePolicy {
+    /// From the request being fully sent to the response head, over all attempts.
+    pub request_timeout: Duration,
+    /// One attempt's bound for the response head.
+    pub per_try_timeout: Duration,
+    pub retries: Retries,
+}
+
+impl RoutePolicy {
+    pub fn new(route: &Route, config: &Config) -> Self {
+        let request_timeout = route.request_timeout.unwrap_or(config.timeouts.request).0;
+        RoutePolicy {
+            request_timeout,
+            per_try_timeout: route.retries.per_try_timeout.map_or(request_timeout, |t| t.0.min(request_timeout)),
+            retries: route.retries.clone(),
+        }
+    }
+}
 
 /// Everything the forwarding task needs about the request.
 pub struct Outbound {
@@ -29,6 +55,7 @@ pub struct Outbound {
     pub has_body: bool,
     pub pool: usize,
     pub client: SocketAddr,
+    pub policy: Rc<RoutePolicy>,
 }
 
 /// Runs the exchange to completion or until the client cancels it.
@@ -47,59 +74,154 @@ pub async fn forward(up: Rc<Upstreams>, ex: SharedExchange, out: Outbound) {
     }
 }
 
-async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
-    let Outbound { request, has_body, pool: pool_idx, client } = out;
-    let (parts, ()) = request.into_parts();
-    let backend = {
-        let ctx = PickContext {
-            method: parts.method.as_str(),
-            authority: parts.uri.authority().map(|a| a.as_str()).unwrap_or(""),
-            path: parts.uri.path(),
-            client,
-            hash: None,
-            excluded: &[],
-        };
-        up.balancers.borrow_mut()[pool_idx].pick(&ctx)
-    };
-    let Some(backend) = backend else {
-        return fail(ex, StatusCode::SERVICE_UNAVAILABLE, "no backend available");
-    };
-    let addr = up.pools[pool_idx].backends[backend];
+/// How one attempt ended, when it did not deliver a response to the client.
+struct Failed {
+    kind: Kind,
+    status: StatusCode,
+    detail: String,
+}
 
-    ex.borrow_mut().upstream = Some(addr);
-    // A pooled connection can turn out dead (closed, GOAWAY) when we try to open a stream on
-    // it. Nothing reached the backend then, so one retry on a fresh connection is always safe.
-    let mut retried = false;
-    let (response, body_tx) = loop {
-        let conn: Pooled = match pool::connection(&up.connections, addr).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(%addr, error = %e, "upstream connect failed");
-                return fail(ex, e.status(), &e.to_string());
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Retry(RetryOn),
+    /// A response status the route retries.
+    Status,
+}
+
+async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
+    let _in_flight = InFlight::request(up);
+    let Outbound { request, has_body, pool, client, policy } = out;
+    let (parts, ()) = request.into_parts();
+    // Only these may reach a backend twice (RFC 9110 §9.2.2), and only without a body.
+    let replayable = !has_body
+        && matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        );
+    let view = select::Request {
+        method: parts.method.as_str(),
+        authority: parts.uri.authority().map(|a| a.as_str()).unwrap_or(""),
+        path: parts.uri.path(),
+        client,
+        headers: &parts.headers,
+    };
+    let deadline = Instant::now() + policy.request_timeout;
+    let mut tried = Vec::new();
+    let mut _retrying = None;
+    let mut last_failure: Option<Failed> = None;
+    let attempts = policy.retries.attempts;
+    for attempt in 0..=attempts {
+        let (pool, backend) = match select::select(up, pool, &view, &tried) {
+            Selection::Backend { pool, backend } => (pool, backend),
+            Selection::BreakerOpen => {
+                metrics::counter!("spooky_circuit_breaker_rejections_total", "pool" => up.pools[pool].name.clone())
+                    .increment(1);
+                return fail(ex, StatusCode::SERVICE_UNAVAILABLE, "circuit breaker open");
             }
+            // Nothing left to retry on: the client gets the last attempt's failure.
+            Selection::Exhausted => match last_failure {
+                Some(f) => return fail(ex, f.status, &f.detail),
+                None => return fail(ex, StatusCode::SERVICE_UNAVAILABLE, "no backend available"),
+            },
         };
-        let req = http::Request::from_parts(clone_parts(&parts), ());
-        let sent = match conn.sender.clone().ready().await {
-            Ok(mut sender) => sender.send_request(req, !has_body),
-            Err(e) => Err(e),
+        if attempt > 0 {
+            metrics::counter!("spooky_upstream_retries_total").increment(1);
+            _retrying.get_or_insert_with(|| InFlight::retry(up));
+        }
+        tried.push((pool, backend));
+        let addr = up.pools[pool].backends[backend];
+        ex.borrow_mut().upstream = Some(addr);
+        let may_retry = attempt < attempts && up.retry_allowed(policy.retries.budget_percent);
+        let retry_status = may_retry && replayable;
+        let failed = match attempt_once(
+            up,
+            ex,
+            &parts,
+            has_body,
+            (pool, backend, addr),
+            &policy,
+            deadline,
+            retry_status,
+        )
+        .await
+        {
+            None => return,
+            Some(f) => f,
         };
-        match sent {
-            Ok(v) => break v,
-            Err(e) if !retried => {
-                tracing::debug!(%addr, error = %e, "pooled upstream connection unusable, reconnecting");
-                metrics::counter!("spooky_upstream_retries_total").increment(1);
-                up.connections.borrow_mut().forget(addr, &conn);
-                retried = true;
+        let safe = matches!(failed.kind, Kind::Retry(RetryOn::ConnectFailure | RetryOn::RefusedStream)) || replayable;
+        let wanted = match failed.kind {
+            Kind::Retry(on) => policy.retries.on.contains(&on),
+            Kind::Status => true,
+        };
+        if !(safe && wanted && attempt < attempts) {
+            return fail(ex, failed.status, &failed.detail);
+        }
+        if !may_retry {
+            metrics::counter!("spooky_retry_budget_exhausted_total").increment(1);
+            return fail(ex, failed.status, &failed.detail);
+        }
+        tracing::debug!(%addr, detail = %failed.detail, "retrying on another backend");
+        last_failure = Some(failed);
+    }
+    unreachable!("the last attempt always returns");
+}
+
+/// One attempt on `target` (pool, backend, address). `None` when a response reached the
+/// client (fully, or until a reset after its head); otherwise why not.
+#[allow(clippy::too_many_arguments)]
+async fn attempt_once(
+    up: &Upstreams,
+    ex: &SharedExchange,
+    parts: &http::request::Parts,
+    has_body: bool,
+    (pool, backend, addr): (usize, usize, SocketAddr),
+    policy: &RoutePolicy,
+    deadline: Instant,
+    retry_status: bool,
+) -> Option<Failed> {
+    let failed = |kind: RetryOn, status: StatusCode, detail: String| {
+        up.record_outcome(pool, backend, Duration::ZERO, true);
+        Some(Failed { kind: Kind::Retry(kind), status, detail })
+    };
+    let (response, body_tx) = {
+        let _pending = LoadGuard::pending(up, pool, backend);
+        // A pooled connection can turn out dead (closed, GOAWAY) when a stream is opened on it.
+        // Nothing reached the backend then, so one reconnect is always safe (and not a retry).
+        let mut reconnected = false;
+        loop {
+            let conn: Pooled = match pool::connection(&up.connections, addr).await {
+                Ok(c) => c,
+                Err(e) => return failed(RetryOn::ConnectFailure, e.status(), format!("{addr}: {e}")),
+            };
+            let req = http::Request::from_parts(clone_parts(parts), ());
+            let sent = match conn.sender.clone().ready().await {
+                Ok(mut sender) => sender.send_request(req, !has_body),
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(v) => break v,
+                Err(e) if !reconnected => {
+                    tracing::debug!(%addr, error = %e, "pooled upstream connection unusable, reconnecting");
+                    up.connections.borrow_mut().forget(addr, &conn);
+                    reconnected = true;
+                }
+                Err(e) => {
+                    return failed(
+                        RetryOn::RefusedStream,
+                        StatusCode::BAD_GATEWAY,
+                        format!("{addr} refused the stream: {e}"),
+                    )
+                }
             }
-            Err(e) => return fail(ex, StatusCode::BAD_GATEWAY, &format!("upstream refused the stream: {e}")),
         }
     };
-    let sent_at = std::time::Instant::now();
+    let _active = LoadGuard::active(up, pool, backend);
+    let sent_at = Instant::now();
     if has_body {
         monoio::spawn(pump_request_body(ex.clone(), body_tx));
     }
 
-    // `timeouts.request` starts once the request is fully sent, as in Envoy: an upload of any
+    // The head timeout starts once the request is fully sent, as in Envoy: an upload of any
     // length is never cut short by it (a stalled client is bounded by the QUIC idle timeout).
     let mut response = pin!(response);
     let early = if has_body {
@@ -113,19 +235,46 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
     };
     let result = match early {
         Some(r) => r,
-        None => match monoio::time::timeout(up.request_timeout, response).await {
-            Err(_) => return fail(ex, StatusCode::GATEWAY_TIMEOUT, "upstream did not answer in time"),
-            Ok(r) => r,
-        },
+        None => {
+            let now = Instant::now();
+            let limit =
+                policy.per_try_timeout.min(deadline.saturating_duration_since(now)).max(Duration::from_millis(1));
+            match monoio::time::timeout(limit, response).await {
+                Err(_) => {
+                    return failed(
+                        RetryOn::Timeout,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("{addr} did not answer in time"),
+                    )
+                }
+                Ok(r) => r,
+            }
+        }
     };
     let response = match result {
-        Err(e) => return fail(ex, StatusCode::BAD_GATEWAY, &format!("upstream failed: {e}")),
+        Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+            return failed(RetryOn::RefusedStream, StatusCode::BAD_GATEWAY, format!("{addr} refused the stream"))
+        }
+        Err(e) => return failed(RetryOn::Reset, StatusCode::BAD_GATEWAY, format!("{addr} failed: {e}")),
         Ok(r) => r,
     };
+    let status = response.status();
+    let latency = sent_at.elapsed();
+    up.record_outcome(pool, backend, latency, matches!(status.as_u16(), 502..=504));
+    if retry_status && policy.retries.statuses.contains(&status.as_u16()) {
+        // Dropping the response resets the upstream stream; the client sees the next attempt.
+        return Some(Failed { kind: Kind::Status, status, detail: format!("{addr} answered {status}") });
+    }
+    ex.borrow_mut().upstream_time = Some(latency);
+    stream_response(up, ex, response).await;
+    None
+}
+
+/// Hands the response head to the edge and streams the body and trailers after it.
+async fn stream_response(up: &Upstreams, ex: &SharedExchange, response: Response<RecvStream>) {
     let (head, mut body) = response.into_parts();
     {
         let mut x = ex.borrow_mut();
-        x.upstream_time = Some(sent_at.elapsed());
         x.resp_head = Some(head);
         x.resp_flow = Some(body.flow_control().clone());
         x.notify_edge();
@@ -150,6 +299,29 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
     x.resp_trailers = trailers;
     x.resp_end = true;
     x.notify_edge();
+}
+
+/// The hash of a request's `hash_key` value, or `None` when the request lacks it.
+pub(crate) fn request_hash(key: &HashKey, req: &select::Request<'_>) -> Option<u64> {
+    let hash = crate::lb::hash_key;
+    match key {
+        HashKey::Header(name) => req.headers.get(name.as_str()).map(|v| hash(v.as_bytes())),
+        HashKey::Cookie(name) => req
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| hash(v.as_bytes())),
+        HashKey::ClientIp => Some(match req.client.ip() {
+            std::net::IpAddr::V4(a) => hash(&a.octets()),
+            std::net::IpAddr::V6(a) => hash(&a.octets()),
+        }),
+        HashKey::Path => Some(hash(req.path.as_bytes())),
+        HashKey::Authority => Some(hash(req.authority.as_bytes())),
+    }
 }
 
 fn clone_parts(p: &http::request::Parts) -> http::request::Parts {

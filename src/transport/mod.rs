@@ -4,51 +4,86 @@
 //!   when it closes or is GOAWAY'd; stream concurrency bounded by the server's
 //!   `SETTINGS_MAX_CONCURRENT_STREAMS` (h2 waits in `ready()`).
 //! - [`forward`]: the task that carries one request upstream and its response back into the
-//!   request's [`crate::bridge::exchange::Exchange`], mapping failures to 502/504 or resets.
+//!   request's [`crate::bridge::exchange::Exchange`], with retries where they are safe, and
+//!   failures mapped to 502/503/504 or stream resets.
+//! - [`select`]: which backend an attempt goes to — balancer pick over the backends that are
+//!   healthy, not ejected and under their circuit-breaker limits, then the fallback pool.
 
 pub mod forward;
 pub mod pool;
+pub mod select;
 
-use crate::config::Config;
+use crate::config::{Config, HashKey};
+use crate::health::outlier::OutlierDetector;
+use crate::health::HealthView;
 use crate::lb::{self, Balancer};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// A worker's upstream state: pools with their balancers and connections. Owned by one thread.
+/// A worker's upstream state: pools with their balancers, load, outlier state and
+/// connections. Owned by one thread; rebuilt per configuration snapshot.
 pub struct Upstreams {
     pub pools: Vec<PoolInfo>,
     pub balancers: RefCell<Vec<Box<dyn Balancer>>>,
     /// Shared with the previous snapshot's `Upstreams` across a reload, so live HTTP/2
     /// connections to backends that stay are reused.
     pub connections: Rc<RefCell<pool::ConnectionPool>>,
-    pub request_timeout: Duration,
     pub body_idle_timeout: Duration,
-    pub via_name: String,
+    /// The latest verdicts of active health checking (shared across snapshots).
+    pub health: Rc<RefCell<Arc<HealthView>>>,
+    load: RefCell<Vec<Vec<Load>>>,
+    outliers: RefCell<Vec<OutlierDetector>>,
+    /// Requests and retries in flight on this worker, for the retry budget.
+    in_flight: Cell<u32>,
+    retries_in_flight: Cell<u32>,
 }
 
 /// One upstream pool as the worker sees it.
 pub struct PoolInfo {
     pub name: String,
     pub backends: Vec<SocketAddr>,
+    pub hash_key: Option<HashKey>,
+    pub fallback: Option<usize>,
+    /// This worker's share of the circuit-breaker limits, per backend.
+    pub max_active: u32,
+    pub max_pending: u32,
+}
+
+/// Requests in flight and waiting, per backend.
+#[derive(Clone, Copy, Default)]
+struct Load {
+    active: u32,
+    pending: u32,
 }
 
 impl Upstreams {
     /// Builds a worker's upstream state; with `previous` (a reload), keeps its connections to
-    /// backends that remain when the HTTP/2 settings did not change.
+    /// backends that remain when the HTTP/2 settings did not change, and the health view.
     pub fn new(config: &Config, previous: Option<&Upstreams>) -> Self {
-        let pools = config
+        let workers = config.workers.resolve().max(1) as u32;
+        let names: Vec<&String> = config.upstreams.keys().collect();
+        let pools: Vec<PoolInfo> = config
             .upstreams
             .iter()
-            .map(|(name, u)| PoolInfo { name: name.clone(), backends: u.backends.iter().map(|b| b.addr).collect() })
+            .map(|(name, u)| PoolInfo {
+                name: name.clone(),
+                backends: u.backends.iter().map(|b| b.addr).collect(),
+                hash_key: u.hash_key.clone(),
+                fallback: u.fallback.as_ref().and_then(|f| names.iter().position(|n| *n == f)),
+                max_active: (u.circuit_breaker.max_active / workers).max(1),
+                max_pending: (u.circuit_breaker.max_pending / workers).max(1),
+            })
             .collect();
         let balancers = config.upstreams.values().map(lb::build).collect();
+        let outliers = config.upstreams.values().map(|u| OutlierDetector::new(&u.outlier, u.backends.len())).collect();
+        let load = pools.iter().map(|p| vec![Load::default(); p.backends.len()]).collect();
         let settings = pool::Settings::from_config(config);
         let connections = match previous {
             Some(prev) if prev.connections.borrow().settings() == settings => {
-                let keep: Vec<SocketAddr> =
-                    config.upstreams.values().flat_map(|u| u.backends.iter().map(|b| b.addr)).collect();
+                let keep: Vec<SocketAddr> = pools.iter().flat_map(|p| p.backends.iter().copied()).collect();
                 prev.connections.borrow_mut().retain(&keep);
                 prev.connections.clone()
             }
@@ -58,14 +93,92 @@ impl Upstreams {
             pools,
             balancers: RefCell::new(balancers),
             connections,
-            request_timeout: config.timeouts.request.0,
             body_idle_timeout: config.timeouts.idle.0,
-            via_name: config.headers.via_name.clone(),
+            health: previous.map(|p| p.health.clone()).unwrap_or_default(),
+            load: RefCell::new(load),
+            outliers: RefCell::new(outliers),
+            in_flight: Cell::new(0),
+            retries_in_flight: Cell::new(0),
         }
     }
 
     /// Index of the pool named `name` (validation guarantees it exists).
     pub fn pool_index(&self, name: &str) -> usize {
         self.pools.iter().position(|p| p.name == name).expect("routes reference known pools")
+    }
+
+    /// Records an attempt's outcome for outlier detection and the balancer.
+    pub fn record_outcome(&self, pool: usize, backend: usize, latency: Duration, gateway_failure: bool) {
+        self.balancers.borrow_mut()[pool].on_end(backend, latency, !gateway_failure);
+        let ejected = self.outliers.borrow_mut()[pool].record(backend, gateway_failure, std::time::Instant::now());
+        if let Some(time) = ejected {
+            let addr = self.pools[pool].backends[backend];
+            tracing::warn!(backend = %addr, pool = %self.pools[pool].name, ?time, "backend ejected as an outlier");
+            metrics::counter!("spooky_outlier_ejections_total", "pool" => self.pools[pool].name.clone()).increment(1);
+        }
+    }
+
+    /// Whether another retry fits the budget: retries in flight stay under `percent` of the
+    /// requests in flight (never fewer than 3 allowed).
+    pub fn retry_allowed(&self, percent: u32) -> bool {
+        let cap = (self.in_flight.get() * percent / 100).max(3);
+        self.retries_in_flight.get() < cap
+    }
+}
+
+/// Counts a request (or a retry) in flight for as long as it lives.
+pub struct InFlight<'a> {
+    counter: &'a Cell<u32>,
+}
+
+impl<'a> InFlight<'a> {
+    pub fn request(up: &'a Upstreams) -> Self {
+        up.in_flight.set(up.in_flight.get() + 1);
+        InFlight { counter: &up.in_flight }
+    }
+
+    pub fn retry(up: &'a Upstreams) -> Self {
+        up.retries_in_flight.set(up.retries_in_flight.get() + 1);
+        InFlight { counter: &up.retries_in_flight }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.counter.set(self.counter.get() - 1);
+    }
+}
+
+/// Counts one request against a backend's active or pending limit while it lives (also when
+/// the request's task is dropped because the client went away).
+pub struct LoadGuard<'a> {
+    up: &'a Upstreams,
+    pool: usize,
+    backend: usize,
+    pending: bool,
+}
+
+impl<'a> LoadGuard<'a> {
+    pub fn pending(up: &'a Upstreams, pool: usize, backend: usize) -> Self {
+        up.load.borrow_mut()[pool][backend].pending += 1;
+        LoadGuard { up, pool, backend, pending: true }
+    }
+
+    pub fn active(up: &'a Upstreams, pool: usize, backend: usize) -> Self {
+        up.load.borrow_mut()[pool][backend].active += 1;
+        up.balancers.borrow_mut()[pool].on_start(backend);
+        LoadGuard { up, pool, backend, pending: false }
+    }
+}
+
+impl Drop for LoadGuard<'_> {
+    fn drop(&mut self) {
+        let mut load = self.up.load.borrow_mut();
+        let l = &mut load[self.pool][self.backend];
+        if self.pending {
+            l.pending -= 1;
+        } else {
+            l.active -= 1;
+        }
     }
 }

@@ -128,7 +128,9 @@ pub async fn connection(pool: &RefCell<ConnectionPool>, addr: SocketAddr) -> Res
     result
 }
 
-async fn connect(addr: SocketAddr, s: Settings) -> Result<Pooled, ConnectError> {
+/// Opens a new HTTP/2 connection (TCP connect + handshake within the connect timeout) and
+/// spawns the task that drives it.
+pub async fn connect(addr: SocketAddr, s: Settings) -> Result<Pooled, ConnectError> {
     let open = async move {
         let tcp = monoio::net::TcpStream::connect_addr(addr).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,

@@ -78,8 +78,13 @@ pub struct Backend {
 
 impl Backend {
     pub fn start(name: &str) -> Backend {
+        Backend::start_with(name, "127.0.0.1:0", &[])
+    }
+
+    /// A backend on `listen` with extra flags (`--fail-status 503`, `--delay-ms 200`).
+    pub fn start_with(name: &str, listen: &str, flags: &[&str]) -> Backend {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_spooky-backend"));
-        cmd.args(["-l", "127.0.0.1:0", "-n", name]);
+        cmd.args(["-l", listen, "-n", name]).args(flags);
         let (proc, line) = spawn_until(cmd, unique("backend.log"), "listening on");
         let addr = line.split("listening on ").nth(1).and_then(|s| s.split(' ').next()).expect("address");
         Backend { addr: addr.parse().expect("backend address"), _proc: proc }

@@ -12,3 +12,4 @@ mod headers;
 mod large_transfers;
 mod load;
 mod malformed;
+mod resilience;

@@ -1,0 +1,166 @@
+//! Resilience: retries only where safe, outlier ejection, active health checks, circuit
+//! breaking — all against real backends that fail on purpose.
+
+use crate::harness::{closed_port, metric_sum, Backend, Spooky};
+use spooky::tools::h3client::{Body, Client, Request};
+use std::time::{Duration, Instant};
+
+fn get(c: &mut Client, authority: &str, path: &str) -> spooky::tools::h3client::Response {
+    let mut r = Request::get(path);
+    r.authority = Some(authority.into());
+    c.request(r).unwrap()
+}
+
+#[test]
+fn connect_failures_are_retried_elsewhere_even_for_requests_with_bodies() {
+    let live = Backend::start("live");
+    let spooky = Spooky::start(&format!(
+        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
+upstreams:
+  main:
+    backends: [{{ address: \"{}\" }}, {{ address: \"{}\" }}]
+    outlier: {{ consecutive_failures: 1000 }}
+routes: [{{ upstream: main }}]
+",
+        closed_port(),
+        live.addr
+    ));
+    let mut c = spooky.client();
+    for i in 0..10 {
+        assert_eq!(c.request(Request::get("/")).unwrap().header("x-backend"), Some("live"));
+        let r = c.request(Request::post(&format!("/count/post{i}"), Body::Pattern(10_000))).unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "1\n"), "sent once, to the live backend");
+    }
+    assert!(metric_sum(&spooky.metrics(), "spooky_upstream_retries_total", &[]) >= 10.0);
+}
+
+#[test]
+fn failing_statuses_are_retried_only_when_safe_and_bodies_never_sent_twice() {
+    let bad = Backend::start_with("bad", "127.0.0.1:0", &["--fail-status", "503"]);
+    let good = Backend::start("good");
+    let spooky = Spooky::start(&format!(
+        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
+upstreams:
+  main:
+    backends: [{{ address: \"{bad}\" }}, {{ address: \"{good}\" }}]
+    outlier: {{ consecutive_failures: 1000 }}
+  bad: {{ backends: [{{ address: \"{bad}\" }}] }}
+  good: {{ backends: [{{ address: \"{good}\" }}] }}
+routes:
+  - {{ host: bad.test, upstream: bad, retries: {{ attempts: 0 }} }}
+  - {{ host: good.test, upstream: good }}
+  - {{ upstream: main, retries: {{ attempts: 2, statuses: [503] }} }}
+",
+        bad = bad.addr,
+        good = good.addr
+    ));
+    let mut c = spooky.client();
+    let seen = |c: &mut Client, key: &str| -> (u64, u64) {
+        let n = |r: spooky::tools::h3client::Response| r.text().trim().parse::<u64>().unwrap();
+        (n(get(c, "bad.test", &format!("/peek/{key}"))), n(get(c, "good.test", &format!("/peek/{key}"))))
+    };
+    for i in 0..10 {
+        let key = format!("get{i}");
+        let r = c.request(Request::get(&format!("/count/{key}"))).unwrap();
+        assert_eq!(r.status, 200, "an idempotent GET is retried past the 503");
+        let (on_bad, on_good) = seen(&mut c, &key);
+        assert!(on_bad <= 1 && on_good == 1, "{key}: bad {on_bad}, good {on_good}");
+    }
+    let mut failed_posts = 0;
+    for i in 0..10 {
+        let key = format!("post{i}");
+        let r = c.request(Request::post(&format!("/count/{key}"), Body::Pattern(5_000))).unwrap();
+        let (on_bad, on_good) = seen(&mut c, &key);
+        assert_eq!(on_bad + on_good, 1, "{key} reached a backend exactly once");
+        if r.status == 503 {
+            failed_posts += 1;
+            assert_eq!(on_bad, 1);
+        }
+    }
+    assert!(failed_posts > 0, "some POSTs met the bad backend and were not retried");
+}
+
+#[test]
+fn consecutive_failures_eject_a_backend() {
+    let bad = Backend::start_with("bad", "127.0.0.1:0", &["--fail-status", "503"]);
+    let good = Backend::start("good");
+    let spooky = Spooky::start(&format!(
+        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
+upstreams:
+  main:
+    backends: [{{ address: \"{}\" }}, {{ address: \"{}\" }}]
+    outlier: {{ consecutive_failures: 3, base_ejection: 60s }}
+routes: [{{ upstream: main, retries: {{ attempts: 0 }} }}]
+",
+        bad.addr, good.addr
+    ));
+    // One connection: one worker, whose round robin alternates until `bad` is ejected.
+    let mut c = spooky.client();
+    let statuses: Vec<u16> = (0..40).map(|_| c.request(Request::get("/")).unwrap().status).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 503).count(), 3, "{statuses:?}");
+    assert!(statuses[10..].iter().all(|s| *s == 200));
+    assert_eq!(metric_sum(&spooky.metrics(), "spooky_outlier_ejections_total", &[]), 1.0);
+}
+
+#[test]
+fn active_health_checks_take_a_dead_backend_out_and_bring_it_back() {
+    let a = Backend::start("a");
+    let b = Backend::start("b");
+    let b_addr = b.addr;
+    let spooky = Spooky::start(&format!(
+        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
+upstreams:
+  main:
+    backends: [{{ address: \"{}\" }}, {{ address: \"{}\" }}]
+    health_check: {{ path: /status/200, interval: 200ms, timeout: 150ms, unhealthy_threshold: 2, healthy_threshold: 2 }}
+    outlier: {{ consecutive_failures: 1000 }}
+routes: [{{ upstream: main, retries: {{ attempts: 0 }} }}]
+",
+        a.addr, b.addr
+    ));
+    let healthy =
+        |spooky: &Spooky| metric_sum(&spooky.metrics(), "spooky_backend_healthy", &[("backend", &b_addr.to_string())]);
+    let wait_for = |want: f64, what: &str| {
+        let started = Instant::now();
+        while healthy(&spooky) != want {
+            assert!(started.elapsed() < Duration::from_secs(15), "{what} never happened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{what} after {:?}", started.elapsed());
+    };
+    wait_for(1.0, "b healthy");
+    drop(b);
+    wait_for(0.0, "b marked down");
+    let mut c = spooky.client();
+    for _ in 0..20 {
+        let r = c.request(Request::get("/")).unwrap();
+        assert_eq!(r.header("x-backend"), Some("a"), "a down backend gets no traffic");
+    }
+    let _b_again = Backend::start_with("b2", &b_addr.to_string(), &[]);
+    wait_for(1.0, "b back up");
+    let back = (0..20).filter(|_| c.request(Request::get("/")).unwrap().header("x-backend") == Some("b2")).count();
+    assert_eq!(back, 10, "round robin shares again");
+}
+
+#[test]
+fn the_circuit_breaker_opens_at_the_limit_and_closes_after() {
+    let a = Backend::start("a");
+    let spooky = Spooky::start(&format!(
+        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
+upstreams:
+  main:
+    backends: [{{ address: \"{}\" }}]
+    circuit_breaker: {{ max_active: 2 }}
+routes: [{{ upstream: main }}]
+",
+        a.addr
+    ));
+    // Two workers share the limit: one request in flight per worker.
+    let mut c = spooky.client();
+    let responses = c.run((0..4).map(|_| Request::get("/?delay_ms=300")).collect()).unwrap();
+    let ok = responses.iter().filter(|r| r.status == 200).count();
+    let open = responses.iter().filter(|r| r.status == 503 && r.text().contains("circuit breaker open")).count();
+    assert_eq!((ok, open), (1, 3));
+    assert_eq!(metric_sum(&spooky.metrics(), "spooky_circuit_breaker_rejections_total", &[]), 3.0);
+    assert_eq!(c.request(Request::get("/")).unwrap().status, 200, "closed again");
+}
