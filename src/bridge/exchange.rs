@@ -271,6 +271,15 @@ impl Exchange {
         self.notify_edge();
     }
 
+    /// Answers 429 with `retry-after` (whole seconds, at least 1).
+    pub fn respond_rate_limited(&mut self, wait: std::time::Duration) {
+        self.respond_locally(http::StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        if let Some(head) = self.resp_head.as_mut() {
+            head.headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs.max(1)));
+        }
+    }
+
     // ----- edge side, response -----
 
     /// Returns HTTP/2 credit for `n` response bytes that QUIC accepted.

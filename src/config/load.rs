@@ -179,6 +179,11 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
         if !r.path_prefix.starts_with('/') {
             return Err(bad(format!("{key}.path_prefix"), format!("must start with `/`, got `{}`", r.path_prefix)));
         }
+        if let Some(l) = &r.rate_limit {
+            if !(l.rate.is_finite() && l.rate > 0.0) || l.burst == 0 {
+                return Err(bad(format!("{key}.rate_limit"), "need rate > 0 and burst >= 1"));
+            }
+        }
         let rt = &r.retries;
         if rt.attempts > 10 {
             return Err(bad(format!("{key}.retries.attempts"), "at most 10"));
@@ -373,6 +378,20 @@ routes:
         assert_eq!(e.key, "upstreams.demo.backends[0].wieght");
         assert_eq!(e.line, Some(8));
         assert!(e.problem.starts_with("unknown field `wieght`"), "{e}");
+    }
+
+    #[test]
+    fn hashing_pools_need_a_readable_hash_key() {
+        let hashing =
+            GOOD.replace("    backends:", "    balance: maglev\n    hash_key: { header: X-User }\n    backends:");
+        let c = parse(&hashing, "t.yaml", Path::new(".")).unwrap();
+        assert_eq!(c.upstreams["demo"].hash_key, Some(HashKey::Header("x-user".into())));
+        let e = err(&hashing.replace("    hash_key: { header: X-User }\n", ""));
+        assert_eq!(e.key, "upstreams.demo.hash_key");
+        let e = err(&hashing.replace("{ header: X-User }", "everything"));
+        assert!(e.problem.contains("unknown hash key `everything`"), "{e}");
+        let e = err(&GOOD.replace("    backends:", "    fallback: demo\n    backends:"));
+        assert_eq!(e.key, "upstreams.demo.fallback");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Resilience settings: active health checks, passive outlier detection, circuit breaking
 //! (per pool) and retries (per route).
 
+use super::schema::HashKey;
 use super::units::Seconds;
 use serde::Deserialize;
 use std::time::Duration;
@@ -126,4 +127,19 @@ impl Default for Retries {
             budget_percent: 20,
         }
     }
+}
+
+/// A route's rate limit: `rate` requests per second with bursts of `burst`, per value of `key`
+/// (`client_ip` or `{ header: NAME }`; requests without the header share one bucket).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub rate: f64,
+    pub burst: u32,
+    #[serde(default = "client_ip")]
+    pub key: HashKey,
+}
+
+fn client_ip() -> HashKey {
+    HashKey::ClientIp
 }

@@ -1,7 +1,7 @@
 //! The configuration schema, as written in `config.yaml`. Every struct rejects unknown keys so a
 //! typo is an error rather than a silently ignored setting. Defaults live next to each field.
 
-use super::resilience::{CircuitBreaker, HealthCheck, Outlier, Retries};
+use super::resilience::{CircuitBreaker, HealthCheck, Outlier, RateLimit, Retries};
 use super::units::{ByteSize, Seconds};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -269,17 +269,47 @@ impl Balance {
     }
 }
 
-/// The request property consistent hashing keys on.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+/// The request property consistent hashing keys on: `client_ip`, `path`, `authority`,
+/// `{ header: NAME }` or `{ cookie: NAME }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashKey {
-    /// A request header's value (`{ header: x-user-id }`).
     Header(String),
-    /// A cookie's value (`{ cookie: session }`).
     Cookie(String),
     ClientIp,
     Path,
     Authority,
+}
+
+impl<'de> Deserialize<'de> for HashKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Name(String),
+            Map(BTreeMap<String, String>),
+        }
+        let expected = "expected `client_ip`, `path`, `authority`, `{ header: NAME }` or `{ cookie: NAME }`";
+        let raw = Raw::deserialize(d).map_err(|_| serde::de::Error::custom(expected))?;
+        let key = match raw {
+            Raw::Name(n) => match n.as_str() {
+                "client_ip" => HashKey::ClientIp,
+                "path" => HashKey::Path,
+                "authority" => HashKey::Authority,
+                _ => return Err(serde::de::Error::custom(format!("unknown hash key `{n}`: {expected}"))),
+            },
+            Raw::Map(m) if m.len() == 1 => {
+                let (k, v) = m.into_iter().next().expect("one entry");
+                let name = v.to_ascii_lowercase();
+                match k.as_str() {
+                    "header" => HashKey::Header(name),
+                    "cookie" => HashKey::Cookie(v),
+                    _ => return Err(serde::de::Error::custom(expected)),
+                }
+            }
+            Raw::Map(_) => return Err(serde::de::Error::custom(expected)),
+        };
+        Ok(key)
+    }
 }
 
 /// One backend of a pool.
@@ -332,6 +362,8 @@ pub struct Route {
     pub request_timeout: Option<Seconds>,
     #[serde(default)]
     pub retries: Retries,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// A header condition of a route.

@@ -304,14 +304,19 @@ impl Connection {
                 None => exchange.borrow_mut().respond_locally(ctx.no_route.0, &ctx.no_route.1),
                 Some(m) => {
                     route = ctx.route_metrics[m.route].clone();
-                    let out = Outbound {
-                        request: request::to_upstream(head, self.peer, &ctx.header_policy),
-                        has_body: more_frames,
-                        pool: m.pool,
-                        client: self.peer,
-                        policy: ctx.route_policies[m.route].clone(),
-                    };
-                    monoio::spawn(forward::forward(ctx.upstreams.clone(), exchange.clone(), out));
+                    if let Err(wait) = check_rate(ctx, m.route, &head, self.peer) {
+                        metrics::counter!("spooky_rate_limited_total", "route" => route.name.clone()).increment(1);
+                        exchange.borrow_mut().respond_rate_limited(wait);
+                    } else {
+                        let out = Outbound {
+                            request: request::to_upstream(head, self.peer, &ctx.header_policy),
+                            has_body: more_frames,
+                            pool: m.pool,
+                            client: self.peer,
+                            policy: ctx.route_policies[m.route].clone(),
+                        };
+                        monoio::spawn(forward::forward(ctx.upstreams.clone(), exchange.clone(), out));
+                    }
                 }
             }
         }
@@ -459,6 +464,27 @@ impl Connection {
             });
         }
     }
+}
+
+/// Applies route `route`'s rate limit, if it has one, to this request.
+fn check_rate(
+    ctx: &WorkerCtx,
+    route: usize,
+    head: &request::RequestHead,
+    client: SocketAddr,
+) -> Result<(), std::time::Duration> {
+    let Some(limiter) = &ctx.rate_limiters[route] else { return Ok(()) };
+    let mut limiter = limiter.borrow_mut();
+    let view = crate::transport::select::Request {
+        method: head.method.as_str(),
+        authority: &head.authority,
+        path: &head.path,
+        client,
+        headers: &head.headers,
+    };
+    // Requests without the key value (e.g. no such header) share one bucket.
+    let key = crate::transport::forward::request_hash(limiter.key(), &view).unwrap_or(0);
+    limiter.check(key, Instant::now())
 }
 
 /// Reads request body from QUIC into the exchange while it has room.

@@ -24,6 +24,7 @@ use crate::bridge::request::RequestIds;
 use crate::config::HeaderPolicy;
 use crate::control::snapshot::Snapshot;
 use crate::control::{AttachedInbox, ToWorker};
+use crate::route::rate_limit::RateLimiter;
 use crate::route::Router;
 use crate::telemetry::access_log::AccessLogger;
 use crate::telemetry::metrics::{DropReason, RouteMetrics, WorkerMetrics};
@@ -53,6 +54,8 @@ pub struct WorkerCtx {
     pub router: Router,
     /// Upstream policy per route (by route index).
     pub route_policies: Vec<Rc<RoutePolicy>>,
+    /// Rate limiter per route (by route index), for routes that have one.
+    pub rate_limiters: Vec<Option<RefCell<RateLimiter>>>,
     /// Metric handles per route (by route index), and for requests no route matched.
     pub route_metrics: Vec<Rc<RouteMetrics>>,
     pub unrouted_metrics: Rc<RouteMetrics>,
@@ -91,6 +94,11 @@ impl WorkerCtx {
             notifier,
             router,
             route_policies: config.routes.iter().map(|r| Rc::new(RoutePolicy::new(r, config))).collect(),
+            rate_limiters: config
+                .routes
+                .iter()
+                .map(|r| r.rate_limit.as_ref().map(|l| RefCell::new(RateLimiter::new(l, config.workers.resolve()))))
+                .collect(),
             route_metrics,
             unrouted_metrics: Rc::new(metrics.route(None)),
             upstreams,

@@ -79,8 +79,18 @@ impl WeightedSampler {
         also: Option<BackendId>,
     ) -> Option<BackendId> {
         let total = *self.ends.last()?;
-        if excluded.is_empty() && also.is_none() {
-            return Some(self.find(rng.below(total)));
+        match (excluded.is_empty(), also) {
+            (true, None) => return Some(self.find(rng.below(total))),
+            // The second draw of two choices: one interval to skip, no list to build.
+            (true, Some(a)) if a < self.ends.len() => {
+                let rest = total - self.weight(a);
+                if rest == 0 {
+                    return None;
+                }
+                let r = rng.below(rest);
+                return Some(self.find(if r < self.start(a) { r } else { r + self.weight(a) }));
+            }
+            _ => {}
         }
         self.skip.clear();
         for &b in excluded.iter().chain(also.iter()) {
@@ -142,6 +152,23 @@ mod tests {
         assert!((45_967..47_367).contains(&counts[3]), "{counts:?}");
         assert_eq!(s.sample(&mut rng, &[0, 1, 3], Some(2)), None);
         assert_eq!(s.sample(&mut rng, &[0, 1], Some(2)), Some(3));
+    }
+
+    #[test]
+    fn second_draw_skips_the_first() {
+        let mut s = WeightedSampler::new(&[1, 2, 3, 4]);
+        let mut rng = Rng::seeded(2);
+        let mut counts = [0u32; 4];
+        for _ in 0..80_000 {
+            counts[s.sample(&mut rng, &[], Some(1)).unwrap()] += 1;
+        }
+        // Shares 1/8, 3/8, 4/8 of 80,000: 10,000, 30,000 and 40,000.
+        assert_eq!(counts[1], 0);
+        assert!((9_400..10_600).contains(&counts[0]), "{counts:?}");
+        assert!((29_200..30_800).contains(&counts[2]), "{counts:?}");
+        assert!((39_200..40_800).contains(&counts[3]), "{counts:?}");
+        let mut one = WeightedSampler::new(&[5]);
+        assert_eq!(one.sample(&mut rng, &[], Some(0)), None);
     }
 
     #[test]

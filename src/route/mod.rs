@@ -5,6 +5,8 @@
 //! hold. Routes are tried in declared order and the first match wins — there is no
 //! "most specific" scoring, so the order in the file is the whole story.
 
+pub mod rate_limit;
+
 use crate::config::Route;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
@@ -140,6 +142,7 @@ mod tests {
             upstream: up.into(),
             request_timeout: None,
             retries: Default::default(),
+            rate_limit: None,
         }
     }
 

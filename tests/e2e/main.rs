@@ -4,6 +4,7 @@
 mod harness;
 
 mod access_log;
+mod balancing;
 mod bodies;
 mod config_errors;
 mod control;

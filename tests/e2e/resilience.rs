@@ -164,3 +164,29 @@ routes: [{{ upstream: main }}]
     assert_eq!(metric_sum(&spooky.metrics(), "spooky_circuit_breaker_rejections_total", &[]), 3.0);
     assert_eq!(c.request(Request::get("/")).unwrap().status, 200, "closed again");
 }
+
+#[test]
+fn rate_limits_answer_429_with_retry_after_per_key() {
+    let a = Backend::start("a");
+    let spooky = Spooky::start(&format!(
+        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
+upstreams:
+  main: {{ backends: [{{ address: \"{}\" }}] }}
+routes:
+  - {{ path_prefix: /api/, upstream: main, rate_limit: {{ rate: 0.2, burst: 4, key: {{ header: x-api-key }} }} }}
+  - {{ upstream: main }}
+",
+        a.addr
+    ));
+    // Per worker: burst 2, one token every 10 s. One connection lives on one worker.
+    let mut c = spooky.client();
+    let ask = |c: &mut Client, key: &str| c.request(Request::get("/api/x").header("x-api-key", key)).unwrap();
+    let statuses: Vec<u16> = (0..4).map(|_| ask(&mut c, "alice").status).collect();
+    assert_eq!(statuses, vec![200, 200, 429, 429]);
+    let limited = ask(&mut c, "alice");
+    let retry_after: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=10).contains(&retry_after), "retry-after {retry_after}");
+    assert_eq!(ask(&mut c, "bob").status, 200, "another key has its own bucket");
+    assert_eq!(c.request(Request::get("/other")).unwrap().status, 200, "other routes are not limited");
+    assert_eq!(metric_sum(&spooky.metrics(), "spooky_rate_limited_total", &[]), 3.0);
+}
