@@ -26,6 +26,9 @@ struct Cli {
     /// Delay every response head by this many milliseconds: a slow backend for tests.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS to advertise.
+    #[arg(long, default_value_t = 1000)]
+    max_streams: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +39,6 @@ fn main() -> anyhow::Result<()> {
         name: cli.name,
         fail_status: cli.fail_status,
         delay: std::time::Duration::from_millis(cli.delay_ms),
+        max_streams: cli.max_streams,
     })
 }

@@ -122,6 +122,12 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
     if !(16_384..=16_777_215).contains(&h2.max_frame_size.0) {
         return Err(bad("upstream_h2.max_frame_size", "must be between 16384 and 16777215 (RFC 9113 §6.5.2)"));
     }
+    if !(1..=64).contains(&h2.max_connections_per_backend) {
+        return Err(bad("upstream_h2.max_connections_per_backend", "must be 1..=64"));
+    }
+    if h2.keepalive_timeout.0.is_zero() {
+        return Err(bad("upstream_h2.keepalive_timeout", "must be greater than zero"));
+    }
     if c.upstreams.is_empty() {
         return Err(bad("upstreams", "at least one upstream pool is required"));
     }

@@ -208,6 +208,12 @@ pub struct UpstreamH2 {
     pub connection_window: ByteSize,
     /// Largest frame Spooky accepts.
     pub max_frame_size: ByteSize,
+    /// Connections per backend per worker, opened when the existing ones have no free stream.
+    pub max_connections_per_backend: usize,
+    /// How often an idle or busy connection is PINGed (0 turns keepalive off).
+    pub keepalive_interval: Seconds,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub keepalive_timeout: Seconds,
 }
 
 impl Default for UpstreamH2 {
@@ -216,6 +222,9 @@ impl Default for UpstreamH2 {
             stream_window: ByteSize(1 << 20),
             connection_window: ByteSize(16 << 20),
             max_frame_size: ByteSize(64 << 10),
+            max_connections_per_backend: 4,
+            keepalive_interval: Seconds(Duration::from_secs(30)),
+            keepalive_timeout: Seconds(Duration::from_secs(10)),
         }
     }
 }

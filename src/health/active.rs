@@ -169,7 +169,7 @@ async fn probe_loop(target: Target, settings: Settings, shared: Rc<Shared>, gene
 /// One probe: the response status, or `None` when the backend could not answer.
 async fn probe(target: &Target, settings: Settings) -> Option<u16> {
     let conn = pool::connect(target.addr, settings).await.ok()?;
-    let mut sender = conn.sender.ready().await.ok()?;
+    let mut sender = conn.sender.clone().ready().await.ok()?;
     let uri = format!("http://{}{}", target.addr, target.check.path);
     let req = http::Request::get(uri).header("user-agent", "spooky-health-check").body(()).ok()?;
     let (response, _) = sender.send_request(req, true).ok()?;

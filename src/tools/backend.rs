@@ -12,6 +12,7 @@
 //! | `/reset-after/N` | N pattern bytes, then `RST_STREAM(INTERNAL_ERROR)` |
 //! | `/count/KEY` | counts a request under KEY (any method; the body is read), answers the count |
 //! | `/peek/KEY` | the count under KEY, without counting |
+//! | `/goaway` | `200`, then a graceful HTTP/2 shutdown (GOAWAY) of that connection |
 //! | anything else | `200`, body `hello from <name>` |
 //!
 //! Query parameters on any path: `delay_ms=N` waits before the response head, `status=N`
@@ -41,6 +42,8 @@ pub struct Options {
     pub fail_status: Option<u16>,
     /// Wait this long before every response head (simulates a slow backend).
     pub delay: Duration,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS advertised to clients.
+    pub max_streams: u32,
 }
 
 /// Request counts by key, for `/count/` and `/peek/` (tests check what reached a backend).
@@ -64,7 +67,7 @@ pub fn serve(opts: Options) -> anyhow::Result<()> {
     }
     eprintln!("spooky-backend {} listening on {addr} (h2c)", opts.name);
     let name = opts.name;
-    let behaviour = Behaviour { fail_status: opts.fail_status, delay: opts.delay };
+    let behaviour = Behaviour { fail_status: opts.fail_status, delay: opts.delay, max_streams: opts.max_streams };
     let threads: Vec<_> = listeners
         .into_iter()
         .map(|l| {
@@ -97,6 +100,7 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 struct Behaviour {
     fail_status: Option<u16>,
     delay: Duration,
+    max_streams: u32,
 }
 
 async fn accept_loop(l: std::net::TcpListener, name: Rc<str>, behaviour: Behaviour) -> anyhow::Result<()> {
@@ -114,23 +118,48 @@ async fn accept_loop(l: std::net::TcpListener, name: Rc<str>, behaviour: Behavio
     }
 }
 
+/// Set by `/goaway` to make its connection start a graceful shutdown.
+#[derive(Default)]
+struct Goaway {
+    requested: std::cell::Cell<bool>,
+    waker: std::cell::RefCell<Option<std::task::Waker>>,
+}
+
 async fn serve_connection(tcp: monoio::net::TcpStream, name: Rc<str>, behaviour: Behaviour) {
     let Ok(io) = tcp.into_poll_io() else { return };
     let conn = h2::server::Builder::new()
         .initial_window_size(1 << 20)
         .initial_connection_window_size(16 << 20)
         .max_frame_size(64 << 10)
-        .max_concurrent_streams(1000)
+        .max_concurrent_streams(behaviour.max_streams)
         .handshake::<_, Bytes>(io)
         .await;
     let Ok(mut conn) = conn else { return };
-    while let Some(next) = conn.accept().await {
-        let Ok((req, respond)) = next else { return };
-        monoio::spawn(handle(req, respond, name.clone(), behaviour));
+    let goaway = Rc::new(Goaway::default());
+    let mut shutting_down = false;
+    loop {
+        let next = poll_fn(|cx| {
+            if goaway.requested.get() && !shutting_down {
+                // GOAWAY; streams already accepted still finish.
+                conn.graceful_shutdown();
+                shutting_down = true;
+            }
+            *goaway.waker.borrow_mut() = Some(cx.waker().clone());
+            conn.poll_accept(cx)
+        })
+        .await;
+        let Some(Ok((req, respond))) = next else { return };
+        monoio::spawn(handle(req, respond, name.clone(), behaviour, goaway.clone()));
     }
 }
 
-async fn handle(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, name: Rc<str>, behaviour: Behaviour) {
+async fn handle(
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    name: Rc<str>,
+    behaviour: Behaviour,
+    goaway: Rc<Goaway>,
+) {
     let query = Query::parse(req.uri().query().unwrap_or(""));
     let delay = Duration::from_millis(query.delay_ms) + behaviour.delay;
     if !delay.is_zero() {
@@ -218,6 +247,14 @@ async fn handle(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, name
             }
             let text = format!("{}\n", count(key, 1));
             send_text(respond, head(status(200), Some(text.len() as u64)), text).await;
+        }
+        ("goaway", _) => {
+            let text = "going away\n".to_string();
+            send_text(respond, head(status(200), Some(text.len() as u64)), text).await;
+            goaway.requested.set(true);
+            if let Some(w) = goaway.waker.borrow_mut().take() {
+                w.wake();
+            }
         }
         ("peek", Some(key)) => {
             let text = format!("{}\n", count(key, 0));

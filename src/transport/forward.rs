@@ -183,7 +183,7 @@ async fn attempt_once(
         up.record_outcome(pool, backend, Duration::ZERO, true);
         Some(Failed { kind: Kind::Retry(kind), status, detail })
     };
-    let (response, body_tx) = {
+    let (response, body_tx, _conn) = {
         let _pending = LoadGuard::pending(up, pool, backend);
         // A pooled connection can turn out dead (closed, GOAWAY) when a stream is opened on it.
         // Nothing reached the backend then, so one reconnect is always safe (and not a retry).
@@ -199,7 +199,7 @@ async fn attempt_once(
                 Err(e) => Err(e),
             };
             match sent {
-                Ok(v) => break v,
+                Ok((response, body_tx)) => break (response, body_tx, conn),
                 Err(e) if !reconnected => {
                     tracing::debug!(%addr, error = %e, "pooled upstream connection unusable, reconnecting");
                     up.connections.borrow_mut().forget(addr, &conn);

@@ -1,4 +1,11 @@
-//! Per-worker pool of HTTP/2 connections, one per backend, opened on first use.
+//! Per-worker pool of HTTP/2 connections to each backend, opened on first use.
+//!
+//! A request takes the first live connection with a free stream slot (fewer of our requests
+//! in flight than the server's `SETTINGS_MAX_CONCURRENT_STREAMS`); when all are full a new
+//! connection opens, up to `upstream_h2.max_connections_per_backend`; beyond that the least
+//! loaded one is used and h2 queues the stream until a slot frees. Connections that close or
+//! are GOAWAY'd drop out (requests in flight on a GOAWAY'd connection finish). A keepalive
+//! PING every `keepalive_interval` closes a connection whose peer stopped answering.
 
 use bytes::Bytes;
 use futures::future::{FutureExt, LocalBoxFuture, Shared};
@@ -6,8 +13,11 @@ use h2::client::SendRequest;
 use monoio::io::IntoPollIo;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::Duration;
 
 /// HTTP/2 client settings.
@@ -17,15 +27,22 @@ pub struct Settings {
     pub stream_window: u32,
     pub connection_window: u32,
     pub max_frame_size: u32,
+    pub max_connections: usize,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 impl Settings {
     pub fn from_config(c: &crate::config::Config) -> Self {
+        let h2 = &c.upstream_h2;
         Settings {
             connect_timeout: c.timeouts.connect.0,
-            stream_window: c.upstream_h2.stream_window.0 as u32,
-            connection_window: c.upstream_h2.connection_window.0 as u32,
-            max_frame_size: c.upstream_h2.max_frame_size.0 as u32,
+            stream_window: h2.stream_window.0 as u32,
+            connection_window: h2.connection_window.0 as u32,
+            max_frame_size: h2.max_frame_size.0 as u32,
+            max_connections: h2.max_connections_per_backend,
+            keepalive_interval: h2.keepalive_interval.0,
+            keepalive_timeout: h2.keepalive_timeout.0,
         }
     }
 }
@@ -53,18 +70,47 @@ impl ConnectError {
     }
 }
 
-/// A live connection: the request handle and a flag the connection task clears when it ends.
+/// One pooled connection.
 #[derive(Clone)]
-pub struct Pooled {
-    pub sender: SendRequest<Bytes>,
+struct Conn {
+    sender: SendRequest<Bytes>,
+    /// Cleared by the connection's task when it ends.
     alive: Rc<Cell<bool>>,
+    /// Our requests in flight on it.
+    in_flight: Rc<Cell<usize>>,
 }
 
-type Connecting = Shared<LocalBoxFuture<'static, Result<Pooled, ConnectError>>>;
+impl Conn {
+    fn has_free_slot(&self) -> bool {
+        self.in_flight.get() < self.sender.current_max_send_streams()
+    }
+}
 
-enum Slot {
-    Connecting(Connecting),
-    Ready(Pooled),
+/// A connection lent to one request; counts the request on the connection while it lives.
+pub struct Pooled {
+    pub sender: SendRequest<Bytes>,
+    conn: Conn,
+}
+
+impl Pooled {
+    fn lend(conn: &Conn) -> Self {
+        conn.in_flight.set(conn.in_flight.get() + 1);
+        Pooled { sender: conn.sender.clone(), conn: conn.clone() }
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.conn.in_flight.set(self.conn.in_flight.get() - 1);
+    }
+}
+
+type Connecting = Shared<LocalBoxFuture<'static, Result<Conn, ConnectError>>>;
+
+#[derive(Default)]
+struct Slot {
+    conns: Vec<Conn>,
+    connecting: Option<Connecting>,
 }
 
 pub struct ConnectionPool {
@@ -82,55 +128,68 @@ impl ConnectionPool {
     }
 
     /// Drops connections to backends not in `keep` (removed by a reload). Requests in flight
-    /// on them finish; the connection closes when its last handle goes.
+    /// on them finish; a connection closes when its last handle goes.
     pub fn retain(&mut self, keep: &[SocketAddr]) {
         self.slots.retain(|addr, _| keep.contains(addr));
     }
 
-    /// Drops `conn` from the pool if it is still the one pooled for `addr` (it failed before a
-    /// request could be sent on it), so the next request opens a fresh connection.
+    /// Drops `conn`'s connection from the pool (it failed before a request could be sent on
+    /// it), so requests use or open another.
     pub fn forget(&mut self, addr: SocketAddr, conn: &Pooled) {
-        if let Some(Slot::Ready(p)) = self.slots.get(&addr) {
-            if Rc::ptr_eq(&p.alive, &conn.alive) {
-                self.slots.remove(&addr);
-            }
+        if let Some(slot) = self.slots.get_mut(&addr) {
+            slot.conns.retain(|c| !Rc::ptr_eq(&c.alive, &conn.conn.alive));
         }
     }
 }
 
-/// A connection to `addr`: the pooled one if alive, else the one being opened (shared by every
-/// request that asks meanwhile), else a new one.
+/// A connection to `addr` for one request (see the module doc for which).
 pub async fn connection(pool: &RefCell<ConnectionPool>, addr: SocketAddr) -> Result<Pooled, ConnectError> {
-    let pending = {
+    loop {
+        let pending = {
+            let mut p = pool.borrow_mut();
+            let settings = p.settings;
+            let slot = p.slots.entry(addr).or_default();
+            slot.conns.retain(|c| c.alive.get());
+            if let Some(c) = slot.conns.iter().find(|c| c.has_free_slot()) {
+                return Ok(Pooled::lend(c));
+            }
+            match &slot.connecting {
+                Some(f) => f.clone(),
+                None if slot.conns.len() < settings.max_connections => {
+                    metrics::counter!("spooky_upstream_connects_total").increment(1);
+                    let f = open(addr, settings).boxed_local().shared();
+                    slot.connecting = Some(f.clone());
+                    f
+                }
+                None => {
+                    let least = slot.conns.iter().min_by_key(|c| c.in_flight.get()).expect("at the limit: not empty");
+                    return Ok(Pooled::lend(least));
+                }
+            }
+        };
+        let result = pending.clone().await;
         let mut p = pool.borrow_mut();
-        match p.slots.get(&addr) {
-            Some(Slot::Ready(c)) if c.alive.get() => return Ok(c.clone()),
-            Some(Slot::Connecting(f)) => f.clone(),
-            _ => {
-                metrics::counter!("spooky_upstream_connects_total").increment(1);
-                let f = connect(addr, p.settings).boxed_local().shared();
-                p.slots.insert(addr, Slot::Connecting(f.clone()));
-                f
+        let slot = p.slots.entry(addr).or_default();
+        // The first waiter to finish records the outcome, unless the slot moved on meanwhile.
+        if slot.connecting.as_ref().is_some_and(|f| f.ptr_eq(&pending)) {
+            slot.connecting = None;
+            if let Ok(c) = &result {
+                slot.conns.push(c.clone());
             }
         }
-    };
-    let result = pending.clone().await;
-    let mut p = pool.borrow_mut();
-    // The first waiter to finish records the outcome, unless the slot moved on meanwhile.
-    if let Some(Slot::Connecting(f)) = p.slots.get(&addr) {
-        if f.ptr_eq(&pending) {
-            match &result {
-                Ok(c) => p.slots.insert(addr, Slot::Ready(c.clone())),
-                Err(_) => p.slots.remove(&addr),
-            };
-        }
+        // Every waiter then chooses again: the new connection may not have room for all.
+        result?;
     }
-    result
 }
 
-/// Opens a new HTTP/2 connection (TCP connect + handshake within the connect timeout) and
-/// spawns the task that drives it.
+/// Opens a new, unpooled HTTP/2 connection (health checks use this).
 pub async fn connect(addr: SocketAddr, s: Settings) -> Result<Pooled, ConnectError> {
+    open(addr, s).await.map(|c| Pooled::lend(&c))
+}
+
+/// TCP connect + HTTP/2 handshake within the connect timeout; spawns the task that drives
+/// the connection and keeps it alive.
+async fn open(addr: SocketAddr, s: Settings) -> Result<Conn, ConnectError> {
     let open = async move {
         let tcp = monoio::net::TcpStream::connect_addr(addr).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,
@@ -139,26 +198,53 @@ pub async fn connect(addr: SocketAddr, s: Settings) -> Result<Pooled, ConnectErr
         })?;
         let _ = tcp.set_nodelay(true);
         let io = tcp.into_poll_io().map_err(|e| ConnectError::Io(e.to_string()))?;
-        let (sender, conn) = h2::client::Builder::new()
+        let (sender, mut conn) = h2::client::Builder::new()
             .initial_window_size(s.stream_window)
             .initial_connection_window_size(s.connection_window)
             .max_frame_size(s.max_frame_size)
             .enable_push(false)
+            // Until the server's SETTINGS arrive, assume RFC 9113's recommended minimum.
+            .initial_max_send_streams(100)
             .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| ConnectError::Handshake(e.to_string()))?;
         let alive = Rc::new(Cell::new(true));
         let flag = alive.clone();
+        let ping = conn.ping_pong();
         monoio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = pin!(conn);
+            let mut keepalive = pin!(keepalive(ping, s.keepalive_interval, s.keepalive_timeout));
+            // Drive the connection until it ends or stops answering PINGs; dropping it closes
+            // the socket and fails its remaining streams.
+            let outcome = poll_fn(|cx| {
+                if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(r.err().map(|e| e.to_string()));
+                }
+                keepalive.as_mut().poll(cx).map(|()| Some("keepalive PING unanswered".to_string()))
+            })
+            .await;
+            if let Some(e) = outcome {
                 tracing::debug!(%addr, error = %e, "upstream connection ended");
             }
             flag.set(false);
         });
-        Ok(Pooled { sender, alive })
+        Ok(Conn { sender, alive, in_flight: Rc::new(Cell::new(0)) })
     };
     match monoio::time::timeout(s.connect_timeout, open).await {
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout),
+    }
+}
+
+/// Resolves when a PING goes unanswered for `timeout` (never, when keepalive is off).
+async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
+    let Some(mut ping) = ping.filter(|_| !interval.is_zero()) else { return std::future::pending().await };
+    loop {
+        monoio::time::sleep(interval).await;
+        let answered = monoio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await;
+        if !matches!(answered, Ok(Ok(_))) {
+            metrics::counter!("spooky_upstream_keepalive_failures_total").increment(1);
+            return;
+        }
     }
 }

@@ -72,13 +72,19 @@ fn unique(name: &str) -> PathBuf {
 /// The project's HTTP/2 test backend.
 pub struct Backend {
     pub addr: SocketAddr,
-    /// Kept for its drop, which stops the process.
-    _proc: Proc,
+    /// Stopped when dropped.
+    proc: Proc,
 }
 
 impl Backend {
     pub fn start(name: &str) -> Backend {
         Backend::start_with(name, "127.0.0.1:0", &[])
+    }
+
+    /// Sends a signal to the backend process (SIGSTOP makes it unresponsive).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.proc.pid() as i32, sig) }, 0);
     }
 
     /// A backend on `listen` with extra flags (`--fail-status 503`, `--delay-ms 200`).
@@ -87,7 +93,7 @@ impl Backend {
         cmd.args(["-l", listen, "-n", name]).args(flags);
         let (proc, line) = spawn_until(cmd, unique("backend.log"), "listening on");
         let addr = line.split("listening on ").nth(1).and_then(|s| s.split(' ').next()).expect("address");
-        Backend { addr: addr.parse().expect("backend address"), _proc: proc }
+        Backend { addr: addr.parse().expect("backend address"), proc }
     }
 }
 

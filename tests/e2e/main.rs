@@ -14,3 +14,4 @@ mod large_transfers;
 mod load;
 mod malformed;
 mod resilience;
+mod upstream_pool;
