@@ -29,6 +29,12 @@ struct Cli {
     /// SETTINGS_MAX_CONCURRENT_STREAMS to advertise.
     #[arg(long, default_value_t = 1000)]
     max_streams: u32,
+    /// Serve HTTP/2 over TLS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         fail_status: cli.fail_status,
         delay: std::time::Duration::from_millis(cli.delay_ms),
         max_streams: cli.max_streams,
+        tls: cli.tls_cert.zip(cli.tls_key),
     })
 }

@@ -151,6 +151,13 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
             _ => {}
         }
         validate_resilience(name, pool)?;
+        if let Some(ca) = pool.tls.as_mut().and_then(|t| t.ca.as_mut()) {
+            let path = base.join(&*ca);
+            std::fs::read(&path).map_err(|e| {
+                bad(format!("upstreams.{name}.tls.ca"), format!("cannot read `{}`: {e}", path.display()))
+            })?;
+            *ca = path;
+        }
         for (i, b) in pool.backends.iter_mut().enumerate() {
             let key = format!("upstreams.{name}.backends[{i}]");
             if b.weight == 0 || b.weight > 10_000 {

@@ -250,6 +250,24 @@ pub struct Upstream {
     /// Pool to use when none of this pool's backends is available (healthy, not ejected).
     #[serde(default)]
     pub fallback: Option<String>,
+    /// HTTP/2 over TLS to this pool's backends (absent: h2c, prior knowledge).
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS towards a pool's backends.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Name to send in SNI and verify (default: the host of each backend's `address`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM file of CA certificates to trust instead of the system store.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Verify the backend's certificate and name (default true; false is for tests only).
+    #[serde(default = "yes")]
+    pub verify: bool,
 }
 
 /// Balancing algorithms; each is one file in `lb` and honours backend weights.

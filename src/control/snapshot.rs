@@ -2,6 +2,7 @@
 
 use crate::config::{self, Config};
 use crate::edge::tls::TlsMaterial;
+use crate::transport::tls::TlsUpstream;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -53,6 +54,11 @@ impl Snapshot {
         };
         let config = config::parse(&text, &name, &base).map_err(|e| e.to_string())?;
         let tls = TlsMaterial::load(&config).map_err(|e| format!("{name}: `tls`: {e:#}"))?;
+        for (pool, u) in &config.upstreams {
+            if let Some(t) = &u.tls {
+                TlsUpstream::new(t).map_err(|e| format!("{name}: `upstreams.{pool}.tls`: {e:#}"))?;
+            }
+        }
         let hash = hex::encode(&Sha256::digest(text.as_bytes())[..8]);
         let mut fp = Sha256::new();
         fp.update(text.as_bytes());

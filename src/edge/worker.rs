@@ -79,7 +79,7 @@ impl WorkerCtx {
         previous: Option<&WorkerCtx>,
     ) -> anyhow::Result<Self> {
         let config = &snap.config;
-        let upstreams = Rc::new(Upstreams::new(config, previous.map(|p| &*p.upstreams)));
+        let upstreams = Rc::new(Upstreams::new(config, previous.map(|p| &*p.upstreams))?);
         let router = Router::new(&config.routes, |name| upstreams.pool_index(name));
         access_log.reconfigure(&config.access_log);
         let (notifier, request_ids) = match previous {

@@ -9,8 +9,9 @@
 //! not the data path).
 
 use super::HealthView;
-use crate::config::{Config, HealthCheck};
+use crate::config::{Config, HealthCheck, UpstreamTls};
 use crate::transport::pool::{self, Settings};
+use crate::transport::tls::TlsUpstream;
 use crossbeam_channel::{Receiver, Sender};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ use std::time::Duration;
 pub struct Target {
     pub addr: SocketAddr,
     pub check: HealthCheck,
+    pub tls: Option<UpstreamTls>,
 }
 
 /// The backends of `config` that have health checks (the first pool naming an address wins).
@@ -32,7 +34,7 @@ pub fn targets(config: &Config) -> Vec<Target> {
         let Some(check) = &pool.health_check else { continue };
         for b in &pool.backends {
             if !out.iter().any(|t| t.addr == b.addr) {
-                out.push(Target { addr: b.addr, check: check.clone() });
+                out.push(Target { addr: b.addr, check: check.clone(), tls: pool.tls.clone() });
             }
         }
     }
@@ -168,9 +170,14 @@ async fn probe_loop(target: Target, settings: Settings, shared: Rc<Shared>, gene
 
 /// One probe: the response status, or `None` when the backend could not answer.
 async fn probe(target: &Target, settings: Settings) -> Option<u16> {
-    let conn = pool::connect(target.addr, settings).await.ok()?;
+    let tls = match &target.tls {
+        Some(t) => Some(Rc::new(TlsUpstream::new(t).ok()?)),
+        None => None,
+    };
+    let conn = pool::connect(target.addr, settings, tls).await.ok()?;
     let mut sender = conn.sender.clone().ready().await.ok()?;
-    let uri = format!("http://{}{}", target.addr, target.check.path);
+    let scheme = if target.tls.is_some() { "https" } else { "http" };
+    let uri = format!("{scheme}://{}{}", target.addr, target.check.path);
     let req = http::Request::get(uri).header("user-agent", "spooky-health-check").body(()).ok()?;
     let (response, _) = sender.send_request(req, true).ok()?;
     // Dropping the response and the connection's handles closes the probe's connection.

@@ -44,6 +44,18 @@ pub struct Options {
     pub delay: Duration,
     /// SETTINGS_MAX_CONCURRENT_STREAMS advertised to clients.
     pub max_streams: u32,
+    /// Serve HTTP/2 over TLS (ALPN h2) with this PEM certificate chain and key.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// A TLS acceptor that only speaks h2.
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<boring::ssl::SslAcceptor> {
+    use boring::ssl::{select_next_proto, AlpnError, SslAcceptor, SslFiletype, SslMethod};
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())?;
+    b.set_certificate_chain_file(cert)?;
+    b.set_private_key_file(key, SslFiletype::PEM)?;
+    b.set_alpn_select_callback(|_, client| select_next_proto(b"\x02h2", client).ok_or(AlpnError::NOACK));
+    Ok(b.build())
 }
 
 /// Request counts by key, for `/count/` and `/peek/` (tests check what reached a backend).
@@ -65,16 +77,22 @@ pub fn serve(opts: Options) -> anyhow::Result<()> {
         addr = l.local_addr()?;
         listeners.push(l);
     }
-    eprintln!("spooky-backend {} listening on {addr} (h2c)", opts.name);
+    let acceptor = match &opts.tls {
+        Some((cert, key)) => Some(std::sync::Arc::new(tls_acceptor(cert, key)?)),
+        None => None,
+    };
+    let mode = if acceptor.is_some() { "h2 over TLS" } else { "h2c" };
+    eprintln!("spooky-backend {} listening on {addr} ({mode})", opts.name);
     let name = opts.name;
     let behaviour = Behaviour { fail_status: opts.fail_status, delay: opts.delay, max_streams: opts.max_streams };
     let threads: Vec<_> = listeners
         .into_iter()
         .map(|l| {
             let name = name.clone();
+            let acceptor = acceptor.clone();
             std::thread::spawn(move || -> anyhow::Result<()> {
                 let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build()?;
-                rt.block_on(accept_loop(l, Rc::from(name.as_str()), behaviour))
+                rt.block_on(accept_loop(l, Rc::from(name.as_str()), behaviour, acceptor))
             })
         })
         .collect();
@@ -103,7 +121,12 @@ struct Behaviour {
     max_streams: u32,
 }
 
-async fn accept_loop(l: std::net::TcpListener, name: Rc<str>, behaviour: Behaviour) -> anyhow::Result<()> {
+async fn accept_loop(
+    l: std::net::TcpListener,
+    name: Rc<str>,
+    behaviour: Behaviour,
+    tls: Option<std::sync::Arc<boring::ssl::SslAcceptor>>,
+) -> anyhow::Result<()> {
     let listener = monoio::net::TcpListener::from_std(l)?;
     loop {
         let (tcp, _) = match listener.accept().await {
@@ -114,7 +137,18 @@ async fn accept_loop(l: std::net::TcpListener, name: Rc<str>, behaviour: Behavio
             }
         };
         let _ = tcp.set_nodelay(true);
-        monoio::spawn(serve_connection(tcp, name.clone(), behaviour));
+        let Ok(io) = tcp.into_poll_io() else { continue };
+        let (name, tls) = (name.clone(), tls.clone());
+        monoio::spawn(async move {
+            match tls {
+                None => serve_connection(io, name, behaviour).await,
+                Some(acceptor) => {
+                    if let Ok(io) = tokio_boring::accept(&acceptor, io).await {
+                        serve_connection(io, name, behaviour).await;
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -125,8 +159,10 @@ struct Goaway {
     waker: std::cell::RefCell<Option<std::task::Waker>>,
 }
 
-async fn serve_connection(tcp: monoio::net::TcpStream, name: Rc<str>, behaviour: Behaviour) {
-    let Ok(io) = tcp.into_poll_io() else { return };
+async fn serve_connection<IO>(io: IO, name: Rc<str>, behaviour: Behaviour)
+where
+    IO: monoio::io::poll_io::AsyncRead + monoio::io::poll_io::AsyncWrite + Unpin,
+{
     let conn = h2::server::Builder::new()
         .initial_window_size(1 << 20)
         .initial_connection_window_size(16 << 20)

@@ -189,7 +189,7 @@ async fn attempt_once(
         // Nothing reached the backend then, so one reconnect is always safe (and not a retry).
         let mut reconnected = false;
         loop {
-            let conn: Pooled = match pool::connection(&up.connections, addr).await {
+            let conn: Pooled = match pool::connection(&up.connections, addr, up.pools[pool].tls.as_ref()).await {
                 Ok(c) => c,
                 Err(e) => return failed(RetryOn::ConnectFailure, e.status(), format!("{addr}: {e}")),
             };
@@ -202,7 +202,7 @@ async fn attempt_once(
                 Ok((response, body_tx)) => break (response, body_tx, conn),
                 Err(e) if !reconnected => {
                     tracing::debug!(%addr, error = %e, "pooled upstream connection unusable, reconnecting");
-                    up.connections.borrow_mut().forget(addr, &conn);
+                    up.connections.borrow_mut().forget(&conn);
                     reconnected = true;
                 }
                 Err(e) => {

@@ -12,6 +12,7 @@
 pub mod forward;
 pub mod pool;
 pub mod select;
+pub mod tls;
 
 use crate::config::{Config, HashKey};
 use crate::health::outlier::OutlierDetector;
@@ -50,6 +51,8 @@ pub struct PoolInfo {
     /// This worker's share of the circuit-breaker limits, per backend.
     pub max_active: u32,
     pub max_pending: u32,
+    /// TLS towards this pool's backends (h2c when absent).
+    pub tls: Option<Rc<tls::TlsUpstream>>,
 }
 
 /// Requests in flight and waiting, per backend.
@@ -62,21 +65,24 @@ struct Load {
 impl Upstreams {
     /// Builds a worker's upstream state; with `previous` (a reload), keeps its connections to
     /// backends that remain when the HTTP/2 settings did not change, and the health view.
-    pub fn new(config: &Config, previous: Option<&Upstreams>) -> Self {
+    pub fn new(config: &Config, previous: Option<&Upstreams>) -> anyhow::Result<Self> {
         let workers = config.workers.resolve().max(1) as u32;
         let names: Vec<&String> = config.upstreams.keys().collect();
         let pools: Vec<PoolInfo> = config
             .upstreams
             .iter()
-            .map(|(name, u)| PoolInfo {
-                name: name.clone(),
-                backends: u.backends.iter().map(|b| b.addr).collect(),
-                hash_key: u.hash_key.clone(),
-                fallback: u.fallback.as_ref().and_then(|f| names.iter().position(|n| *n == f)),
-                max_active: (u.circuit_breaker.max_active / workers).max(1),
-                max_pending: (u.circuit_breaker.max_pending / workers).max(1),
+            .map(|(name, u)| -> anyhow::Result<PoolInfo> {
+                Ok(PoolInfo {
+                    name: name.clone(),
+                    backends: u.backends.iter().map(|b| b.addr).collect(),
+                    hash_key: u.hash_key.clone(),
+                    fallback: u.fallback.as_ref().and_then(|f| names.iter().position(|n| *n == f)),
+                    max_active: (u.circuit_breaker.max_active / workers).max(1),
+                    max_pending: (u.circuit_breaker.max_pending / workers).max(1),
+                    tls: u.tls.as_ref().map(tls::TlsUpstream::new).transpose()?.map(Rc::new),
+                })
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()?;
         let balancers = config.upstreams.values().map(lb::build).collect();
         let outliers = config.upstreams.values().map(|u| OutlierDetector::new(&u.outlier, u.backends.len())).collect();
         let load = pools.iter().map(|p| vec![Load::default(); p.backends.len()]).collect();
@@ -89,7 +95,7 @@ impl Upstreams {
             }
             _ => Rc::new(RefCell::new(pool::ConnectionPool::new(settings))),
         };
-        Upstreams {
+        Ok(Upstreams {
             pools,
             balancers: RefCell::new(balancers),
             connections,
@@ -99,7 +105,7 @@ impl Upstreams {
             outliers: RefCell::new(outliers),
             in_flight: Cell::new(0),
             retries_in_flight: Cell::new(0),
-        }
+        })
     }
 
     /// Index of the pool named `name` (validation guarantees it exists).

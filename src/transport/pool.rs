@@ -7,6 +7,8 @@
 //! are GOAWAY'd drop out (requests in flight on a GOAWAY'd connection finish). A keepalive
 //! PING every `keepalive_interval` closes a connection whose peer stopped answering.
 
+use super::tls::TlsUpstream;
+use crate::config::UpstreamTls;
 use bytes::Bytes;
 use futures::future::{FutureExt, LocalBoxFuture, Shared};
 use h2::client::SendRequest;
@@ -58,6 +60,8 @@ pub enum ConnectError {
     Io(String),
     #[error("HTTP/2 handshake failed: {0}")]
     Handshake(String),
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl ConnectError {
@@ -113,9 +117,12 @@ struct Slot {
     connecting: Option<Connecting>,
 }
 
+/// A pool slot: a backend address, and the TLS settings it is reached with (none: h2c).
+type Key = (SocketAddr, Option<UpstreamTls>);
+
 pub struct ConnectionPool {
     settings: Settings,
-    slots: HashMap<SocketAddr, Slot>,
+    slots: HashMap<Key, Slot>,
 }
 
 impl ConnectionPool {
@@ -130,25 +137,30 @@ impl ConnectionPool {
     /// Drops connections to backends not in `keep` (removed by a reload). Requests in flight
     /// on them finish; a connection closes when its last handle goes.
     pub fn retain(&mut self, keep: &[SocketAddr]) {
-        self.slots.retain(|addr, _| keep.contains(addr));
+        self.slots.retain(|(addr, _), _| keep.contains(addr));
     }
 
     /// Drops `conn`'s connection from the pool (it failed before a request could be sent on
     /// it), so requests use or open another.
-    pub fn forget(&mut self, addr: SocketAddr, conn: &Pooled) {
-        if let Some(slot) = self.slots.get_mut(&addr) {
+    pub fn forget(&mut self, conn: &Pooled) {
+        for slot in self.slots.values_mut() {
             slot.conns.retain(|c| !Rc::ptr_eq(&c.alive, &conn.conn.alive));
         }
     }
 }
 
 /// A connection to `addr` for one request (see the module doc for which).
-pub async fn connection(pool: &RefCell<ConnectionPool>, addr: SocketAddr) -> Result<Pooled, ConnectError> {
+pub async fn connection(
+    pool: &RefCell<ConnectionPool>,
+    addr: SocketAddr,
+    tls: Option<&Rc<TlsUpstream>>,
+) -> Result<Pooled, ConnectError> {
+    let key = (addr, tls.map(|t| t.config.clone()));
     loop {
         let pending = {
             let mut p = pool.borrow_mut();
             let settings = p.settings;
-            let slot = p.slots.entry(addr).or_default();
+            let slot = p.slots.entry(key.clone()).or_default();
             slot.conns.retain(|c| c.alive.get());
             if let Some(c) = slot.conns.iter().find(|c| c.has_free_slot()) {
                 return Ok(Pooled::lend(c));
@@ -157,7 +169,7 @@ pub async fn connection(pool: &RefCell<ConnectionPool>, addr: SocketAddr) -> Res
                 Some(f) => f.clone(),
                 None if slot.conns.len() < settings.max_connections => {
                     metrics::counter!("spooky_upstream_connects_total").increment(1);
-                    let f = open(addr, settings).boxed_local().shared();
+                    let f = open(addr, settings, tls.cloned()).boxed_local().shared();
                     slot.connecting = Some(f.clone());
                     f
                 }
@@ -169,7 +181,7 @@ pub async fn connection(pool: &RefCell<ConnectionPool>, addr: SocketAddr) -> Res
         };
         let result = pending.clone().await;
         let mut p = pool.borrow_mut();
-        let slot = p.slots.entry(addr).or_default();
+        let slot = p.slots.entry(key.clone()).or_default();
         // The first waiter to finish records the outcome, unless the slot moved on meanwhile.
         if slot.connecting.as_ref().is_some_and(|f| f.ptr_eq(&pending)) {
             slot.connecting = None;
@@ -183,13 +195,13 @@ pub async fn connection(pool: &RefCell<ConnectionPool>, addr: SocketAddr) -> Res
 }
 
 /// Opens a new, unpooled HTTP/2 connection (health checks use this).
-pub async fn connect(addr: SocketAddr, s: Settings) -> Result<Pooled, ConnectError> {
-    open(addr, s).await.map(|c| Pooled::lend(&c))
+pub async fn connect(addr: SocketAddr, s: Settings, tls: Option<Rc<TlsUpstream>>) -> Result<Pooled, ConnectError> {
+    open(addr, s, tls).await.map(|c| Pooled::lend(&c))
 }
 
-/// TCP connect + HTTP/2 handshake within the connect timeout; spawns the task that drives
-/// the connection and keeps it alive.
-async fn open(addr: SocketAddr, s: Settings) -> Result<Conn, ConnectError> {
+/// TCP connect (+ TLS) + HTTP/2 handshake within the connect timeout; spawns the task that
+/// drives the connection and keeps it alive.
+async fn open(addr: SocketAddr, s: Settings, tls: Option<Rc<TlsUpstream>>) -> Result<Conn, ConnectError> {
     let open = async move {
         let tcp = monoio::net::TcpStream::connect_addr(addr).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,
@@ -198,42 +210,56 @@ async fn open(addr: SocketAddr, s: Settings) -> Result<Conn, ConnectError> {
         })?;
         let _ = tcp.set_nodelay(true);
         let io = tcp.into_poll_io().map_err(|e| ConnectError::Io(e.to_string()))?;
-        let (sender, mut conn) = h2::client::Builder::new()
-            .initial_window_size(s.stream_window)
-            .initial_connection_window_size(s.connection_window)
-            .max_frame_size(s.max_frame_size)
-            .enable_push(false)
-            // Until the server's SETTINGS arrive, assume RFC 9113's recommended minimum.
-            .initial_max_send_streams(100)
-            .handshake::<_, Bytes>(io)
-            .await
-            .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-        let alive = Rc::new(Cell::new(true));
-        let flag = alive.clone();
-        let ping = conn.ping_pong();
-        monoio::spawn(async move {
-            let mut conn = pin!(conn);
-            let mut keepalive = pin!(keepalive(ping, s.keepalive_interval, s.keepalive_timeout));
-            // Drive the connection until it ends or stops answering PINGs; dropping it closes
-            // the socket and fails its remaining streams.
-            let outcome = poll_fn(|cx| {
-                if let Poll::Ready(r) = conn.as_mut().poll(cx) {
-                    return Poll::Ready(r.err().map(|e| e.to_string()));
-                }
-                keepalive.as_mut().poll(cx).map(|()| Some("keepalive PING unanswered".to_string()))
-            })
-            .await;
-            if let Some(e) = outcome {
-                tracing::debug!(%addr, error = %e, "upstream connection ended");
+        match tls {
+            None => handshake(addr, io, s).await,
+            Some(tls) => {
+                let io = tls.handshake(&addr.ip().to_string(), io).await.map_err(ConnectError::Tls)?;
+                handshake(addr, io, s).await
             }
-            flag.set(false);
-        });
-        Ok(Conn { sender, alive, in_flight: Rc::new(Cell::new(0)) })
+        }
     };
     match monoio::time::timeout(s.connect_timeout, open).await {
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout),
     }
+}
+
+/// The HTTP/2 handshake over `io`, and the task that drives the connection.
+async fn handshake<IO>(addr: SocketAddr, io: IO, s: Settings) -> Result<Conn, ConnectError>
+where
+    IO: monoio::io::poll_io::AsyncRead + monoio::io::poll_io::AsyncWrite + Unpin + 'static,
+{
+    let (sender, mut conn) = h2::client::Builder::new()
+        .initial_window_size(s.stream_window)
+        .initial_connection_window_size(s.connection_window)
+        .max_frame_size(s.max_frame_size)
+        .enable_push(false)
+        // Until the server's SETTINGS arrive, assume RFC 9113's recommended minimum.
+        .initial_max_send_streams(100)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    let alive = Rc::new(Cell::new(true));
+    let flag = alive.clone();
+    let ping = conn.ping_pong();
+    monoio::spawn(async move {
+        let mut conn = pin!(conn);
+        let mut keepalive = pin!(keepalive(ping, s.keepalive_interval, s.keepalive_timeout));
+        // Drive the connection until it ends or stops answering PINGs; dropping it closes
+        // the socket and fails its remaining streams.
+        let outcome = poll_fn(|cx| {
+            if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                return Poll::Ready(r.err().map(|e| e.to_string()));
+            }
+            keepalive.as_mut().poll(cx).map(|()| Some("keepalive PING unanswered".to_string()))
+        })
+        .await;
+        if let Some(e) = outcome {
+            tracing::debug!(%addr, error = %e, "upstream connection ended");
+        }
+        flag.set(false);
+    });
+    Ok(Conn { sender, alive, in_flight: Rc::new(Cell::new(0)) })
 }
 
 /// Resolves when a PING goes unanswered for `timeout` (never, when keepalive is off).

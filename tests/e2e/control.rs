@@ -122,7 +122,12 @@ fn a_bad_reload_is_refused_and_the_old_config_keeps_serving() {
         assert!(Instant::now() < deadline, "invalid reload not counted");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(spooky.proc.log_text().contains("`routes[0].upstream`: unknown upstream `nope`"));
+    // The log line is copied to the file by another thread: wait for it, bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !spooky.proc.log_text().contains("`routes[0].upstream`: unknown upstream `nope`") {
+        assert!(Instant::now() < deadline, "rejection reason not logged:\n{}", spooky.proc.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(client.request(Request::get("/")).unwrap().header("x-backend"), Some("a"));
     let (_, cfg) = spooky.admin_get("/config");
     assert!(cfg.contains("\"version\":1"), "{cfg}");

@@ -51,3 +51,54 @@ fn keepalive_pings_close_a_connection_whose_backend_stopped_answering() {
     // The dead connection is gone from the pool: the next request opens a fresh one.
     assert_eq!(c.request(Request::get("/")).unwrap().status, 200);
 }
+
+/// A CA and a `localhost` certificate it signed, written to `dir`: (ca.pem, cert.pem, key.pem).
+fn pki(dir: &std::path::Path) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: a leaf whose subject equals its issuer looks self-signed to OpenSSL.
+    ca_params.distinguished_name.push(DnType::CommonName, "Spooky test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
+    let leaf = leaf_params.signed_by(&key, &ca).unwrap();
+    let path = |n: &str| dir.join(n).display().to_string();
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+    (path("ca.pem"), path("cert.pem"), path("key.pem"))
+}
+
+#[test]
+fn tls_upstreams_verify_certificates_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = pki(dir.path());
+    let b = Backend::start_with("tls", "127.0.0.1:0", &["--tls-cert", &cert, "--tls-key", &key]);
+    let spooky = Spooky::start(&format!(
+        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
+upstreams:
+  trusted: {{ backends: [{{ address: \"{b}\" }}], tls: {{ server_name: localhost, ca: \"{ca}\" }} }}
+  untrusted: {{ backends: [{{ address: \"{b}\" }}], tls: {{ server_name: localhost }} }}
+  wrong_name: {{ backends: [{{ address: \"{b}\" }}], tls: {{ server_name: evil.example, ca: \"{ca}\" }} }}
+  insecure: {{ backends: [{{ address: \"{b}\" }}], tls: {{ verify: false }} }}
+routes:
+  - {{ path_prefix: /untrusted/, upstream: untrusted }}
+  - {{ path_prefix: /wrong/, upstream: wrong_name }}
+  - {{ path_prefix: /insecure/, upstream: insecure }}
+  - {{ upstream: trusted }}
+",
+        b = b.addr
+    ));
+    let mut c = spooky.client();
+    let r = c.request(Request::get("/bytes/70000")).unwrap();
+    assert_eq!((r.status, r.body_len), (200, 70000), "{}", r.text());
+    assert_eq!(r.header("x-backend"), Some("tls"));
+    for path in ["/untrusted/x", "/wrong/x"] {
+        let r = c.request(Request::get(path)).unwrap();
+        assert_eq!(r.status, 502, "{path}: {}", r.text());
+        assert!(r.text().contains("TLS handshake"), "{path}: {}", r.text());
+    }
+    assert_eq!(c.request(Request::get("/insecure/x")).unwrap().status, 200);
+}
