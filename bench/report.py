@@ -226,6 +226,34 @@ def scaling(res):
     return out + [""]
 
 
+def algorithms(res):
+    names = ["round_robin", "random", "least_request", "peak_ewma", "ring_hash", "maglev"]
+    runs = {n: res.get(f"algo-{n}", "spooky") for n in names}
+    if not any(runs.values()):
+        return []
+    any_run = next(r for r in runs.values() if r)
+    base = runs["round_robin"]
+    out = [
+        "### 7. Balancing algorithms (small GETs, two backends, Spooky on 1 core)",
+        "",
+        f"`spooky-load {any_run['args']}`; ring hash and Maglev hash the path.",
+        "",
+        "| algorithm | req/s | proxy CPU µs/req | p99 µs | req/s vs round robin | CPU/req vs round robin |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in names:
+        r = runs[n]
+        if not r:
+            out.append(f"| {n} | failed | | | | |")
+            continue
+        cpu, base_cpu = res.us_per_req(r), res.us_per_req(base) if base else None
+        out.append(
+            f"| {n} | {fmt(r['rps'])} | {fmt(cpu, 1)} | {fmt(lat(r, 'p99'))} "
+            f"| {ratio(r['rps'], base['rps'] if base else None)} | {ratio(cpu, base_cpu)} |"
+        )
+    return out + [""]
+
+
 def targets(res):
     s, c = res.get("small", "spooky"), res.get("small", "caddy")
     ls, ld = res.get("latency", "spooky"), res.get("latency", "direct")
@@ -266,7 +294,7 @@ def targets(res):
 
 def render(res):
     lines = header(res.meta) + targets(res)
-    for section in (small, latency, bulk, newconn, idle, scaling):
+    for section in (small, latency, bulk, newconn, idle, scaling, algorithms):
         lines += section(res)
     return "\n".join(lines)
 

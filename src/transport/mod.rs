@@ -188,3 +188,26 @@ impl Drop for LoadGuard<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_retry_budget_caps_retries_in_flight() {
+        let yaml = "listen: 127.0.0.1:0\nworkers: 1\ntls: { self_signed: [localhost] }\nupstreams:\n  p: { backends: [{ address: \"127.0.0.1:1\" }] }\nroutes: [{ upstream: p }]\n";
+        let config = crate::config::parse(yaml, "t", std::path::Path::new(".")).unwrap();
+        let up = Upstreams::new(&config, None).unwrap();
+        let requests: Vec<_> = (0..40).map(|_| InFlight::request(&up)).collect();
+        // 20% of 40 requests in flight: 8 retries at once, no more.
+        let retries: Vec<_> = (0..8).map(|_| InFlight::retry(&up)).collect();
+        assert!(!up.retry_allowed(20));
+        drop(retries);
+        assert!(up.retry_allowed(20));
+        drop(requests);
+        // With little traffic, a floor of 3 concurrent retries still applies.
+        let few: Vec<_> = (0..2).map(|_| InFlight::retry(&up)).collect();
+        assert!(up.retry_allowed(20));
+        drop(few);
+    }
+}

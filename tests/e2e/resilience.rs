@@ -190,3 +190,48 @@ routes:
     assert_eq!(c.request(Request::get("/other")).unwrap().status, 200, "other routes are not limited");
     assert_eq!(metric_sum(&spooky.metrics(), "spooky_rate_limited_total", &[]), 3.0);
 }
+
+#[test]
+fn killing_a_backend_under_load_fails_no_idempotent_request() {
+    let a = Backend::start("a");
+    let b = Backend::start("b");
+    let spooky = Spooky::start(&format!(
+        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
+upstreams:
+  main:
+    backends: [{{ address: \"{}\" }}, {{ address: \"{}\" }}]
+    health_check: {{ path: /status/200, interval: 200ms, timeout: 150ms, unhealthy_threshold: 2 }}
+routes: [{{ upstream: main, retries: {{ attempts: 2, on: [connect_failure, refused_stream, reset] }} }}]
+",
+        a.addr, b.addr
+    ));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = spooky.client();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                // Bounded: at most 400 batches.
+                for _ in 0..400 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let batch = (0..8).map(|_| Request::get("/bytes/2000?delay_ms=5")).collect();
+                    // A reset or short body counts as a failure too (status 0).
+                    let ok = |r: &spooky::tools::h3client::Response| r.reset.is_none() && r.body_len == 2000;
+                    statuses.extend(c.run(batch).unwrap().iter().map(|r| if ok(r) { r.status } else { 0 }));
+                }
+                statuses
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(b); // killed with requests in flight
+    std::thread::sleep(Duration::from_millis(1200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses: Vec<u16> = load.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    assert!(statuses.len() > 100, "load ran: {}", statuses.len());
+    assert_eq!(failed, 0, "{failed} of {} GETs failed", statuses.len());
+}
