@@ -13,6 +13,7 @@ pub mod edge;
 pub mod health;
 pub mod lb;
 pub mod route;
+pub mod runtime;
 pub mod telemetry;
 pub mod tools;
 pub mod transport;

@@ -12,7 +12,6 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Barrier;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 /// The end of a paced wait that is spent yielding rather than on the millisecond timer.
@@ -163,23 +162,8 @@ async fn sleep_until(t: Instant, limit: Instant) {
         monoio::time::sleep(t - now - SPIN).await;
     }
     while Instant::now() < t {
-        yield_now().await;
+        spooky::runtime::yield_now().await;
     }
-}
-
-/// Lets the runtime run other tasks once.
-async fn yield_now() {
-    let mut yielded = false;
-    poll_fn(|cx| {
-        if yielded {
-            Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    })
-    .await
 }
 
 /// One request; returns (status, bytes down, bytes up).

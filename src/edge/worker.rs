@@ -179,7 +179,7 @@ impl Worker {
             }
             if more_waiting {
                 // Let upstream tasks run before the next batch.
-                yield_now().await;
+                crate::runtime::yield_now().await;
                 continue;
             }
             self.wait().await;
@@ -452,19 +452,4 @@ fn mark_dirty(dirty: &mut Vec<u64>, conn: &mut Connection) {
         conn.dirty = true;
         dirty.push(conn.handle);
     }
-}
-
-/// Gives other tasks on this runtime one turn.
-async fn yield_now() {
-    let mut yielded = false;
-    poll_fn(|cx| {
-        if yielded {
-            Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    })
-    .await
 }

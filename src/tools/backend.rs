@@ -28,7 +28,6 @@ use sha2::{Digest, Sha256};
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::task::Poll;
 use std::time::Duration;
 
 /// Backend options.
@@ -357,21 +356,7 @@ async fn send_pattern(tx: &mut SendStream<Bytes>, len: u64) {
 async fn send_all(tx: &mut SendStream<Bytes>, mut data: Bytes) -> bool {
     while !data.is_empty() {
         tx.reserve_capacity(data.len());
-        let cap = poll_fn(|cx| {
-            if tx.capacity() > 0 {
-                return Poll::Ready(Some(tx.capacity()));
-            }
-            match tx.poll_capacity(cx) {
-                Poll::Ready(Some(Ok(n))) if n > 0 => Poll::Ready(Some(n)),
-                Poll::Ready(Some(Ok(_))) => {
-                    cx.waker().wake_by_ref();
-                    Poll::Pending
-                }
-                Poll::Ready(_) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await;
+        let cap = poll_fn(|cx| crate::runtime::poll_send_capacity(tx, cx)).await;
         let Some(cap) = cap else { return false };
         if tx.send_data(data.split_to(cap.min(data.len())), false).is_err() {
             return false;

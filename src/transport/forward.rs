@@ -7,9 +7,9 @@
 //! Failures before the response head are retried when the route's policy asks for it and it
 //! is safe: connect failures and refused streams always are (nothing reached the backend);
 //! resets, timeouts and retryable statuses only for idempotent requests without a body.
-//! Retries go to a backend not tried yet and must fit the worker's retry budget. What is not
-//! retried becomes a local response: 502 (refused, reset, broken), 503 (circuit open, no
-//! backend), 504 (no answer in time). After the head, failures reset the client's stream, so a
+//! Retries go to a backend not tried yet (a refused stream may retry on the same one) and
+//! must fit the worker's retry budget. What is not retried becomes a local response: 502
+//! (refused, reset, broken), 503 (circuit open, no backend), 504 (no answer in time). After the head, failures reset the client's stream, so a
 //! truncated body can never pass for a complete one.
 
 use super::pool::{self, Pooled};
@@ -160,7 +160,11 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
             metrics::counter!("spooky_retry_budget_exhausted_total").increment(1);
             return fail(ex, failed.status, &failed.detail);
         }
-        tracing::debug!(%addr, detail = %failed.detail, "retrying on another backend");
+        if failed.kind == Kind::Retry(RetryOn::RefusedStream) {
+            // Refused means "not now", not "broken": the same backend may take the retry.
+            tried.retain(|t| *t != (pool, backend));
+        }
+        tracing::debug!(%addr, detail = %failed.detail, "retrying");
         last_failure = Some(failed);
     }
     unreachable!("the last attempt always returns");
@@ -180,7 +184,8 @@ async fn attempt_once(
     retry_status: bool,
 ) -> Option<Failed> {
     let failed = |kind: RetryOn, status: StatusCode, detail: String| {
-        up.record_outcome(pool, backend, Duration::ZERO, true);
+        // A refused stream was not processed: no mark against the backend's health.
+        up.record_outcome(pool, backend, Duration::ZERO, kind != RetryOn::RefusedStream);
         Some(Failed { kind: Kind::Retry(kind), status, detail })
     };
     let (response, body_tx, _conn) = {
@@ -382,18 +387,7 @@ async fn wait_capacity(ex: &SharedExchange, tx: &mut SendStream<Bytes>) -> Optio
         if ex.borrow_mut().poll_cancelled(cx).is_ready() {
             return Poll::Ready(None);
         }
-        if tx.capacity() > 0 {
-            return Poll::Ready(Some(tx.capacity()));
-        }
-        match tx.poll_capacity(cx) {
-            Poll::Ready(Some(Ok(n))) if n > 0 => Poll::Ready(Some(n)),
-            Poll::Ready(Some(Ok(_))) => {
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            Poll::Ready(_) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
+        crate::runtime::poll_send_capacity(tx, cx)
     })
     .await
 }

@@ -234,8 +234,10 @@ where
         .initial_connection_window_size(s.connection_window)
         .max_frame_size(s.max_frame_size)
         .enable_push(false)
-        // Until the server's SETTINGS arrive, assume RFC 9113's recommended minimum.
-        .initial_max_send_streams(100)
+        // Until the server's SETTINGS arrive (one round trip), open one stream only: a burst
+        // on a cold connection then waits or spreads over new connections instead of
+        // overrunning a small limit and being refused.
+        .initial_max_send_streams(1)
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| ConnectError::Handshake(e.to_string()))?;
