@@ -2,12 +2,15 @@
 //!
 //! Order: the route's pool, skipping backends that are already tried, marked down by active
 //! health checks, ejected as outliers, or at their circuit-breaker limit; then the pool's
-//! `fallback` pool the same way; then — when health and ejection have ruled out every
+//! `fallback` pool the same way, and its fallback (up to three links); then — when health and ejection have ruled out every
 //! backend of the route's pool — the route's pool ignoring them ("panic mode", as in Envoy:
 //! better to try a backend that may be down than to fail everything). Circuit-breaker limits
 //! are never ignored: when they exclude the last candidates the answer is 503.
 
 use super::Upstreams;
+
+/// Fallback pools tried after the route's own pool.
+const MAX_FALLBACKS: usize = 3;
 use crate::lb::{BackendId, PickContext};
 use std::time::Instant;
 
@@ -37,11 +40,14 @@ pub enum Selection {
 pub fn select(up: &Upstreams, pool: usize, req: &Request<'_>, tried: &[(usize, BackendId)]) -> Selection {
     let now = Instant::now();
     let mut breaker_hit = false;
-    let chain = [Some(pool), up.pools[pool].fallback];
-    for p in chain.into_iter().flatten() {
+    // Follow the fallback chain, at most MAX_FALLBACKS links (a cycle stops there too).
+    let mut next = Some(pool);
+    for _ in 0..=MAX_FALLBACKS {
+        let Some(p) = next else { break };
         if let Some(b) = pick(up, p, req, tried, now, true, &mut breaker_hit) {
             return Selection::Backend { pool: p, backend: b };
         }
+        next = up.pools[p].fallback;
     }
     if let Some(b) = pick(up, pool, req, tried, now, false, &mut breaker_hit) {
         metrics::counter!("spooky_panic_routing_total", "pool" => up.pools[pool].name.clone()).increment(1);

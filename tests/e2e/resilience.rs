@@ -235,3 +235,27 @@ routes: [{{ upstream: main, retries: {{ attempts: 2, on: [connect_failure, refus
     assert!(statuses.len() > 100, "load ran: {}", statuses.len());
     assert_eq!(failed, 0, "{failed} of {} GETs failed", statuses.len());
 }
+
+#[test]
+fn a_pool_with_no_available_backend_falls_back_to_its_fallback_pool() {
+    let fb = Backend::start("fallback");
+    let spooky = Spooky::start(&format!(
+        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
+upstreams:
+  primary:
+    backends: [{{ address: \"{}\" }}]
+    outlier: {{ consecutive_failures: 2, base_ejection: 60s, max_ejected_percent: 100 }}
+    fallback: spare
+  spare: {{ backends: [{{ address: \"{}\" }}] }}
+routes: [{{ upstream: primary }}]
+",
+        closed_port(),
+        fb.addr
+    ));
+    let mut c = spooky.client();
+    for _ in 0..10 {
+        // First by retrying past the refused connection, then (ejected) straight to the spare.
+        assert_eq!(c.request(Request::get("/")).unwrap().header("x-backend"), Some("fallback"));
+    }
+    assert_eq!(metric_sum(&spooky.metrics(), "spooky_outlier_ejections_total", &[]), 1.0);
+}
