@@ -82,7 +82,9 @@ pub struct CircuitBreaker {
 
 impl Default for CircuitBreaker {
     fn default() -> Self {
-        CircuitBreaker { max_active: 10_000, max_pending: 1_000 }
+        // Generous by default (a proxy should not invent 503s at ordinary concurrency);
+        // set real limits to protect backends.
+        CircuitBreaker { max_active: 100_000, max_pending: 100_000 }
     }
 }
 
