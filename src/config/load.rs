@@ -311,10 +311,10 @@ fn validate_resilience(name: &str, pool: &Upstream) -> Result<(), Invalid> {
 }
 
 fn validate_quic(q: &Quic) -> Result<(), Invalid> {
-    if !(1200..=65_527).contains(&q.max_udp_payload) {
+    if !(1200..=65_507).contains(&q.max_udp_payload) {
         return Err(bad(
             "quic.max_udp_payload",
-            format!("must be 1200..=65527 (RFC 9000 §18.2), got {}", q.max_udp_payload),
+            format!("must be 1200..=65507 (the largest IPv4 UDP payload), got {}", q.max_udp_payload),
         ));
     }
     if !(1..=1 << 20).contains(&q.max_concurrent_streams) {

@@ -134,6 +134,9 @@ pub struct Quic {
     pub max_header_list_size: ByteSize,
     /// Congestion control: `cubic`, `reno` or `bbr2`.
     pub congestion_control: String,
+    /// Send each connection's packets with UDP GSO (one system call per batch); falls back
+    /// by itself where the kernel refuses. Read at start.
+    pub gso: bool,
 }
 
 impl Default for Quic {
@@ -145,6 +148,7 @@ impl Default for Quic {
             max_udp_payload: 1350,
             max_header_list_size: ByteSize(64 << 10),
             congestion_control: "cubic".into(),
+            gso: true,
         }
     }
 }

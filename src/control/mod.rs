@@ -316,7 +316,8 @@ fn run_worker(
     }
     runtime.block_on(async move {
         let setup = || -> anyhow::Result<Worker> {
-            let sockets = sockets.into_iter().map(EdgeSocket::new).collect::<Result<Vec<_>, _>>()?;
+            let gso = snap.config.quic.gso;
+            let sockets = sockets.into_iter().map(|s| EdgeSocket::new(s, gso)).collect::<Result<Vec<_>, _>>()?;
             let inbox = inbox.attach()?;
             let ctx = WorkerCtx::new(id, snap, logger, None)?;
             Worker::new(id, sockets, snap, ctx, inbox)

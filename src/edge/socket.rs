@@ -2,8 +2,13 @@
 //! same address, created in worker order at start-up and never closed while Spooky runs (the
 //! kernel's reuseport group index is the join order).
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::cell::Cell;
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+
+/// Most datagrams the kernel accepts in one GSO send (UDP_MAX_SEGMENTS).
+pub const GSO_MAX_SEGMENTS: usize = 64;
 
 /// A worker's socket: `io` for non-blocking syscalls, `ready` (same file, dup'ed) for awaiting
 /// readiness on the worker's runtime.
@@ -11,6 +16,8 @@ pub struct EdgeSocket {
     pub io: UdpSocket,
     pub local: SocketAddr,
     ready: monoio::net::udp::UdpSocket,
+    /// UDP GSO in use; cleared for good if the kernel refuses it.
+    gso: Cell<bool>,
 }
 
 /// Binds one reuseport UDP socket on `addr` (call once per worker, in worker order).
@@ -30,10 +37,34 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 
 impl EdgeSocket {
     /// Wraps a bound socket; must run on the worker's runtime, which it registers with.
-    pub fn new(io: UdpSocket) -> std::io::Result<Self> {
+    pub fn new(io: UdpSocket, gso: bool) -> std::io::Result<Self> {
         let local = io.local_addr()?;
         let ready = monoio::net::udp::UdpSocket::from_std(io.try_clone()?)?;
-        Ok(EdgeSocket { io, local, ready })
+        Ok(EdgeSocket { io, local, ready, gso: Cell::new(gso) })
+    }
+
+    /// Sends `buf`, a run of datagrams of `segment` bytes each (the last may be shorter), to
+    /// `to`: with UDP GSO one system call for all of them, else one each.
+    pub async fn send_batch(&self, buf: &[u8], segment: usize, to: SocketAddr) -> std::io::Result<()> {
+        if buf.len() > segment && self.gso.get() {
+            loop {
+                match send_gso(&self.io, buf, segment, to) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.writable().await?,
+                    // EIO: the device cannot segment; EINVAL: the kernel has no UDP_SEGMENT.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) => {
+                        tracing::warn!(error = %e, "UDP GSO refused by the kernel; sending datagrams one by one");
+                        self.gso.set(false);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        for datagram in buf.chunks(segment) {
+            self.send_to(datagram, to).await?;
+        }
+        Ok(())
     }
 
     pub async fn readable(&self) -> std::io::Result<()> {
@@ -54,4 +85,34 @@ impl EdgeSocket {
             }
         }
     }
+}
+
+/// One `sendmsg` with a `UDP_SEGMENT` control message: the kernel splits `buf` into datagrams
+/// of `segment` bytes.
+fn send_gso(socket: &UdpSocket, buf: &[u8], segment: usize, to: SocketAddr) -> std::io::Result<()> {
+    let addr = SockAddr::from(to);
+    let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+    let mut control = [0u64; 4]; // 8-byte aligned, larger than `space`
+    debug_assert!(space <= std::mem::size_of_val(&control));
+    // SAFETY: msghdr is plain data; every pointer in it outlives the sendmsg call below.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = addr.as_ptr() as *mut libc::c_void;
+        msg.msg_namelen = addr.len();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment as u16);
+        if libc::sendmsg(socket.as_raw_fd(), &msg, 0) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

@@ -17,7 +17,7 @@
 
 use super::cid::{CidGenerator, CID_LEN};
 use super::connection::Connection;
-use super::socket::EdgeSocket;
+use super::socket::{EdgeSocket, GSO_MAX_SEGMENTS};
 use super::tls;
 use crate::bridge::exchange::{Notifier, StreamKey};
 use crate::bridge::request::RequestIds;
@@ -127,7 +127,10 @@ pub struct Worker {
     dirty: Vec<u64>,
     cids: CidGenerator,
     via_name: Rc<str>,
+    /// Where a flush assembles its GSO batches.
     send_buf: Vec<u8>,
+    /// Largest datagram Spooky sends (`quic.max_udp_payload`).
+    max_datagram: usize,
     /// Set by a drain order: when remaining connections are closed regardless.
     drain_deadline: Option<Instant>,
 }
@@ -153,7 +156,9 @@ impl Worker {
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
             cids: CidGenerator::new(0, 0, id as u8),
-            send_buf: vec![0; 65_535],
+            // The largest IPv4 UDP payload: a GSO batch is one datagram to the kernel.
+            send_buf: vec![0; 65_507],
+            max_datagram: snap.config.quic.max_udp_payload,
             drain_deadline: None,
         })
     }
@@ -363,13 +368,37 @@ impl Worker {
             let Some(conn) = self.conns.get_mut(&handle) else { continue };
             conn.dirty = false;
             let socket = &self.sockets[conn.socket];
-            let mut sent = 0;
+            // Packets of one flush go out in GSO batches: runs of equal-size datagrams to the
+            // same address (the last of a run may be shorter), written back to back in
+            // `send_buf` so the kernel can split them.
+            let max = self.max_datagram;
+            let (mut len, mut segment, mut count, mut dest) = (0usize, 0usize, 0usize, None);
+            let mut sent = 0u64;
             loop {
-                match conn.quic.send(&mut self.send_buf) {
+                let room = len + max <= self.send_buf.len() && count < GSO_MAX_SEGMENTS;
+                if !room {
+                    flush_batch(socket, &self.send_buf[..len], segment, dest).await;
+                    (len, segment, count) = (0, 0, 0);
+                }
+                match conn.quic.send(&mut self.send_buf[len..len + max]) {
                     Ok((n, info)) => {
                         sent += 1;
-                        if let Err(e) = socket.send_to(&self.send_buf[..n], info.to).await {
-                            tracing::debug!(error = %e, to = %info.to, "UDP send failed");
+                        if count > 0 && (dest != Some(info.to) || n > segment) {
+                            // Does not fit the current run: send the run, restart with this one.
+                            flush_batch(socket, &self.send_buf[..len], segment, dest).await;
+                            self.send_buf.copy_within(len..len + n, 0);
+                            (len, segment, count) = (0, 0, 0);
+                        }
+                        if count == 0 {
+                            segment = n;
+                            dest = Some(info.to);
+                        }
+                        len += n;
+                        count += 1;
+                        if n < segment {
+                            // A short datagram can only end a run.
+                            flush_batch(socket, &self.send_buf[..len], segment, dest).await;
+                            (len, segment, count) = (0, 0, 0);
                         }
                     }
                     Err(quiche::Error::Done) => break,
@@ -380,6 +409,7 @@ impl Worker {
                     }
                 }
             }
+            flush_batch(socket, &self.send_buf[..len], segment, dest).await;
             self.ctx.metrics.packets_sent.increment(sent);
             if conn.quic.is_closed() || (past_deadline && conn.quic.is_draining()) {
                 self.remove(handle);
@@ -444,6 +474,14 @@ impl Worker {
             Poll::Pending
         })
         .await;
+    }
+}
+
+/// Sends a run of datagrams (nothing when empty).
+async fn flush_batch(socket: &EdgeSocket, buf: &[u8], segment: usize, to: Option<SocketAddr>) {
+    let Some(to) = to.filter(|_| !buf.is_empty()) else { return };
+    if let Err(e) = socket.send_batch(buf, segment, to).await {
+        tracing::debug!(error = %e, %to, "UDP send failed");
     }
 }
 

@@ -58,7 +58,7 @@ fn each_bad_config_is_refused_with_file_key_and_problem() {
         ("  self_signed: [localhost]", "  self_signed: [localhost]\n  cert: a.pem", &["`tls`", "not both"]),
         ("address: 127.0.0.1:8081", "address: 127.0.0.1", &["`upstreams.demo.backends[0].address`", "needs a port"]),
         ("routes:\n  - upstream: demo\n", "", &["missing field `routes`"]),
-        ("timeouts:", "quic:\n  max_udp_payload: 100\ntimeouts:", &["`quic.max_udp_payload`", "must be 1200..=65527"]),
+        ("timeouts:", "quic:\n  max_udp_payload: 100\ntimeouts:", &["`quic.max_udp_payload`", "must be 1200..=65507"]),
         (
             "timeouts:",
             "quic:\n  congestion_control: vegas\ntimeouts:",
