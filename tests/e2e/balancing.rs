@@ -1,6 +1,6 @@
 //! Every balancing algorithm against real backends: weights, stickiness, and load-awareness.
 
-use crate::harness::{Backend, Spooky};
+use crate::harness::{Backend, Spooky, PREAMBLE};
 use spooky::tools::h3client::Request;
 use std::collections::HashMap;
 
@@ -8,7 +8,7 @@ fn spooky_with(balance: &str, extra: &str, backends: &[(&Backend, u32)]) -> Spoo
     let list: Vec<String> =
         backends.iter().map(|(b, w)| format!("{{ address: \"{}\", weight: {w} }}", b.addr)).collect();
     Spooky::start(&format!(
-        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}\nupstreams:\n  main:\n    balance: {balance}\n{extra}    backends: [{}]\nroutes: [{{ upstream: main }}]\n",
+        "{PREAMBLE}upstreams:\n  main:\n    balance: {balance}\n{extra}    backends: [{}]\nroutes: [{{ upstream: main }}]\n",
         list.join(", ")
     ))
 }

@@ -1,7 +1,7 @@
 //! The control plane: hot reload under load, refused reloads, metrics that match the traffic,
 //! the admin listener, and graceful drain on SIGTERM.
 
-use crate::harness::{metric_sum, Backend, Spooky};
+use crate::harness::{metric_sum, Backend, Spooky, PREAMBLE};
 use sha2::{Digest, Sha256};
 use spooky::tools::h3client::{Options, Request};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn config(pools: &str, routes: &str) -> String {
-    format!(
-        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}\nadmin: {{ listen: 127.0.0.1:0 }}\nupstreams:\n{pools}routes:\n{routes}"
-    )
+    format!("{PREAMBLE}admin: {{ listen: 127.0.0.1:0 }}\nupstreams:\n{pools}routes:\n{routes}")
 }
 
 fn pool(name: &str, backends: &[(&Backend, u32)]) -> String {

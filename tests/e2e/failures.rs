@@ -1,7 +1,7 @@
 //! Backend failures: 502 when unreachable, 504 when slow, stream reset (never a truncated
 //! success) when the backend breaks mid-response, and recovery when a backend comes back.
 
-use crate::harness::{closed_port, Backend, Spooky};
+use crate::harness::{closed_port, Backend, Spooky, PREAMBLE};
 use spooky::tools::h3client::{Body, Request};
 use spooky::tools::pattern;
 
@@ -10,7 +10,7 @@ const H3_INTERNAL_ERROR: u64 = 0x102;
 #[test]
 fn unreachable_backend_gives_502() {
     let spooky = Spooky::start(&format!(
-        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}\nupstreams:\n  dead: {{ backends: [{{ address: \"{}\" }}] }}\nroutes: [{{ upstream: dead }}]\n",
+        "{PREAMBLE}upstreams:\n  dead: {{ backends: [{{ address: \"{}\" }}] }}\nroutes: [{{ upstream: dead }}]\n",
         closed_port()
     ));
     let mut client = spooky.client();

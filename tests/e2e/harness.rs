@@ -9,6 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+/// The start of every test configuration: OS-chosen port, two workers (so requests really
+/// cross the thread-per-core design), a self-signed certificate.
+pub const PREAMBLE: &str = "listen: 127.0.0.1:0\nworkers: 2\ntls: { self_signed: [localhost] }\n";
+
 /// A child process killed on drop, whose stderr is kept in a file.
 pub struct Proc {
     pub child: Child,

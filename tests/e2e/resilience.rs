@@ -1,7 +1,7 @@
 //! Resilience: retries only where safe, outlier ejection, active health checks, circuit
 //! breaking — all against real backends that fail on purpose.
 
-use crate::harness::{closed_port, metric_sum, Backend, Spooky};
+use crate::harness::{closed_port, metric_sum, Backend, Spooky, PREAMBLE};
 use spooky::tools::h3client::{Body, Client, Request};
 use std::time::{Duration, Instant};
 
@@ -15,8 +15,7 @@ fn get(c: &mut Client, authority: &str, path: &str) -> spooky::tools::h3client::
 fn connect_failures_are_retried_elsewhere_even_for_requests_with_bodies() {
     let live = Backend::start("live");
     let spooky = Spooky::start(&format!(
-        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
-upstreams:
+        "{PREAMBLE}upstreams:
   main:
     backends: [{{ address: \"{}\" }}, {{ address: \"{}\" }}]
     outlier: {{ consecutive_failures: 1000 }}
@@ -39,8 +38,7 @@ fn failing_statuses_are_retried_only_when_safe_and_bodies_never_sent_twice() {
     let bad = Backend::start_with("bad", "127.0.0.1:0", &["--fail-status", "503"]);
     let good = Backend::start("good");
     let spooky = Spooky::start(&format!(
-        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
-upstreams:
+        "{PREAMBLE}upstreams:
   main:
     backends: [{{ address: \"{bad}\" }}, {{ address: \"{good}\" }}]
     outlier: {{ consecutive_failures: 1000 }}
@@ -85,8 +83,7 @@ fn consecutive_failures_eject_a_backend() {
     let bad = Backend::start_with("bad", "127.0.0.1:0", &["--fail-status", "503"]);
     let good = Backend::start("good");
     let spooky = Spooky::start(&format!(
-        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
-upstreams:
+        "{PREAMBLE}upstreams:
   main:
     backends: [{{ address: \"{}\" }}, {{ address: \"{}\" }}]
     outlier: {{ consecutive_failures: 3, base_ejection: 60s }}
@@ -108,8 +105,7 @@ fn active_health_checks_take_a_dead_backend_out_and_bring_it_back() {
     let b = Backend::start("b");
     let b_addr = b.addr;
     let spooky = Spooky::start(&format!(
-        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
-upstreams:
+        "{PREAMBLE}upstreams:
   main:
     backends: [{{ address: \"{}\" }}, {{ address: \"{}\" }}]
     health_check: {{ path: /status/200, interval: 200ms, timeout: 150ms, unhealthy_threshold: 2, healthy_threshold: 2 }}
@@ -146,8 +142,7 @@ routes: [{{ upstream: main, retries: {{ attempts: 0 }} }}]
 fn the_circuit_breaker_opens_at_the_limit_and_closes_after() {
     let a = Backend::start("a");
     let spooky = Spooky::start(&format!(
-        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
-upstreams:
+        "{PREAMBLE}upstreams:
   main:
     backends: [{{ address: \"{}\" }}]
     circuit_breaker: {{ max_active: 2 }}
@@ -169,8 +164,7 @@ routes: [{{ upstream: main }}]
 fn rate_limits_answer_429_with_retry_after_per_key() {
     let a = Backend::start("a");
     let spooky = Spooky::start(&format!(
-        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
-upstreams:
+        "{PREAMBLE}upstreams:
   main: {{ backends: [{{ address: \"{}\" }}] }}
 routes:
   - {{ path_prefix: /api/, upstream: main, rate_limit: {{ rate: 0.2, burst: 4, key: {{ header: x-api-key }} }} }}
@@ -196,8 +190,7 @@ fn killing_a_backend_under_load_fails_no_idempotent_request() {
     let a = Backend::start("a");
     let b = Backend::start("b");
     let spooky = Spooky::start(&format!(
-        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
-upstreams:
+        "{PREAMBLE}upstreams:
   main:
     backends: [{{ address: \"{}\" }}, {{ address: \"{}\" }}]
     health_check: {{ path: /status/200, interval: 200ms, timeout: 150ms, unhealthy_threshold: 2 }}
@@ -240,8 +233,7 @@ routes: [{{ upstream: main, retries: {{ attempts: 2, on: [connect_failure, refus
 fn a_pool_with_no_available_backend_falls_back_to_its_fallback_pool() {
     let fb = Backend::start("fallback");
     let spooky = Spooky::start(&format!(
-        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
-upstreams:
+        "{PREAMBLE}upstreams:
   primary:
     backends: [{{ address: \"{}\" }}]
     outlier: {{ consecutive_failures: 2, base_ejection: 60s, max_ejected_percent: 100 }}

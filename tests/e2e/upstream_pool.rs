@@ -1,7 +1,7 @@
 //! The HTTP/2 upstream pool: more connections when a backend's stream limit is full, graceful
 //! handling of a backend's GOAWAY.
 
-use crate::harness::{metric_sum, Backend, Spooky};
+use crate::harness::{metric_sum, Backend, Spooky, PREAMBLE};
 use spooky::tools::h3client::Request;
 
 #[test]
@@ -77,8 +77,7 @@ fn tls_upstreams_verify_certificates_by_default() {
     let (ca, cert, key) = pki(dir.path());
     let b = Backend::start_with("tls", "127.0.0.1:0", &["--tls-cert", &cert, "--tls-key", &key]);
     let spooky = Spooky::start(&format!(
-        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}
-upstreams:
+        "{PREAMBLE}upstreams:
   trusted: {{ backends: [{{ address: \"{b}\" }}], tls: {{ server_name: localhost, ca: \"{ca}\" }} }}
   untrusted: {{ backends: [{{ address: \"{b}\" }}], tls: {{ server_name: localhost }} }}
   wrong_name: {{ backends: [{{ address: \"{b}\" }}], tls: {{ server_name: evil.example, ca: \"{ca}\" }} }}
