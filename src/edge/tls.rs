@@ -35,7 +35,8 @@ impl TlsMaterial {
         Ok(m)
     }
 
-    fn ssl_context(&self) -> anyhow::Result<SslContextBuilder> {
+    /// A BoringSSL context serving this material (the QUIC configuration is built on it).
+    pub fn ssl_context(&self) -> anyhow::Result<SslContextBuilder> {
         let mut ctx = SslContextBuilder::new(SslMethod::tls())?;
         let mut chain = X509::stack_from_pem(&self.chain_pem).context("parsing the certificate chain")?.into_iter();
         let leaf = chain.next().context("the certificate file holds no certificate")?;
@@ -48,34 +49,4 @@ impl TlsMaterial {
         ctx.check_private_key().context("the private key does not match the certificate")?;
         Ok(ctx)
     }
-}
-
-/// Builds the QUIC + HTTP/3 configuration for one worker.
-pub fn quic_config(config: &Config, tls: &TlsMaterial) -> anyhow::Result<quiche::Config> {
-    let q = &config.quic;
-    let mut c = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, tls.ssl_context()?)?;
-    c.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)?;
-    c.set_max_idle_timeout(config.timeouts.idle.0.as_millis() as u64);
-    c.set_max_recv_udp_payload_size(q.max_udp_payload);
-    c.set_max_send_udp_payload_size(q.max_udp_payload);
-    c.set_initial_max_data(q.max_data.0);
-    c.set_initial_max_stream_data_bidi_remote(q.max_stream_data.0);
-    c.set_initial_max_stream_data_bidi_local(q.max_stream_data.0);
-    // HTTP/3 needs three unidirectional streams per side (control, QPACK encoder/decoder).
-    c.set_initial_max_stream_data_uni(64 * 1024);
-    c.set_initial_max_streams_bidi(q.max_concurrent_streams);
-    c.set_initial_max_streams_uni(8);
-    // Let windows grow to what a fast bulk transfer needs, but no further.
-    c.set_max_connection_window(q.max_data.0.max(24 << 20));
-    c.set_max_stream_window(q.max_stream_data.0.max(8 << 20));
-    c.set_disable_active_migration(true);
-    c.set_cc_algorithm_name(&q.congestion_control).map_err(|e| anyhow::anyhow!("congestion control: {e}"))?;
-    Ok(c)
-}
-
-/// The HTTP/3 configuration for one worker.
-pub fn h3_config(config: &Config) -> anyhow::Result<quiche::h3::Config> {
-    let mut c = quiche::h3::Config::new()?;
-    c.set_max_field_section_size(config.quic.max_header_list_size.0);
-    Ok(c)
 }

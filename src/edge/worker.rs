@@ -17,8 +17,8 @@
 
 use super::cid::{CidGenerator, CID_LEN};
 use super::connection::Connection;
+use super::settings;
 use super::socket::{EdgeSocket, GSO_MAX_SEGMENTS};
-use super::tls;
 use crate::bridge::exchange::{Notifier, StreamKey};
 use crate::bridge::request::RequestIds;
 use crate::config::HeaderPolicy;
@@ -90,7 +90,7 @@ impl WorkerCtx {
         let route_metrics =
             config.routes.iter().map(|r| Rc::new(metrics.route(Some((&r.label(), &r.upstream))))).collect();
         Ok(WorkerCtx {
-            h3_config: tls::h3_config(config)?,
+            h3_config: settings::h3_config(config)?,
             notifier,
             router,
             route_policies: config.routes.iter().map(|r| Rc::new(RoutePolicy::new(r, config))).collect(),
@@ -146,7 +146,7 @@ impl Worker {
         Ok(Worker {
             id,
             sockets,
-            quic_config: tls::quic_config(&snap.config, &snap.tls)?,
+            quic_config: settings::quic_config(&snap.config, &snap.tls)?,
             via_name: snap.config.headers.via_name.as_str().into(),
             ctx,
             inbox,
@@ -305,7 +305,7 @@ impl Worker {
     /// Swaps in a new snapshot. Live connections keep their TLS state and in-flight requests
     /// keep the upstream state they started with; everything new uses the snapshot.
     fn apply(&mut self, snap: &Arc<Snapshot>) {
-        let quic = match tls::quic_config(&snap.config, &snap.tls) {
+        let quic = match settings::quic_config(&snap.config, &snap.tls) {
             Ok(q) => q,
             Err(e) => return tracing::error!(worker = self.id, error = %e, "cannot apply the new configuration"),
         };
