@@ -242,6 +242,22 @@ impl Client {
         self.conn.peer_cert().map(<[u8]>::to_vec)
     }
 
+    /// Moves to a new UDP socket (a new source port) without telling QUIC: to the server this
+    /// is NAT rebinding (RFC 9000 §9.3), which it must follow after validating the new path.
+    pub fn rebind(&mut self) -> Result<(), Error> {
+        let peer = self.sock.peer_addr()?;
+        let sock = UdpSocket::bind(SocketAddr::new(self.sock.local_addr()?.ip(), 0))?;
+        sock.connect(peer)?;
+        sock.set_nonblocking(true)?;
+        self.sock = sock;
+        Ok(())
+    }
+
+    /// The local port datagrams leave from now.
+    pub fn local_port(&self) -> u16 {
+        self.sock.local_addr().map_or(0, |a| a.port())
+    }
+
     /// Closes the connection cleanly (H3_NO_ERROR).
     pub fn close(mut self) {
         let _ = self.conn.close(true, 0x100, b"");
