@@ -4,6 +4,7 @@ use super::schema::*;
 use std::fmt;
 use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The embedded default configuration: Spooky in front of the demo backend on 127.0.0.1:8081,
 /// with a self-signed certificate. Used by `spooky run` without `--config`.
@@ -95,7 +96,7 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
         }
     }
     validate_tls(&mut c.tls, base)?;
-    validate_quic(&c.quic)?;
+    validate_quic(&mut c.quic, base)?;
     for (key, d) in [
         ("timeouts.connect", c.timeouts.connect.0),
         ("timeouts.request", c.timeouts.request.0),
@@ -310,7 +311,7 @@ fn validate_resilience(name: &str, pool: &Upstream) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn validate_quic(q: &Quic) -> Result<(), Invalid> {
+fn validate_quic(q: &mut Quic, base: &Path) -> Result<(), Invalid> {
     if !(1200..=65_507).contains(&q.max_udp_payload) {
         return Err(bad(
             "quic.max_udp_payload",
@@ -334,6 +335,30 @@ fn validate_quic(q: &Quic) -> Result<(), Invalid> {
             "quic.congestion_control",
             format!("unknown algorithm `{}` (use cubic, reno or bbr2)", q.congestion_control),
         ));
+    }
+    if q.cid_rotation > 6 {
+        return Err(bad("quic.cid_rotation", "must be 0..=6 (7 marks unroutable CIDs in QUIC-LB)"));
+    }
+    if q.retry == RetryMode::Auto && q.retry_above_rate == 0 {
+        return Err(bad("quic.retry_above_rate", "must be at least 1 with `retry: auto` (or use `retry: always`)"));
+    }
+    if q.retry_token_lifetime.0.is_zero() || q.retry_token_lifetime.0 > Duration::from_secs(600) {
+        return Err(bad("quic.retry_token_lifetime", "must be between 1s and 10m"));
+    }
+    if q.max_connections_per_worker == 0 {
+        return Err(bad("quic.max_connections_per_worker", "must be at least 1"));
+    }
+    if let Some(file) = q.secret_key_file.as_mut() {
+        let path = base.join(&*file);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| bad("quic.secret_key_file", format!("cannot read `{}`: {e}", path.display())))?;
+        if bytes.len() < 32 {
+            return Err(bad(
+                "quic.secret_key_file",
+                format!("`{}` holds {} bytes; at least 32 random bytes are needed", path.display(), bytes.len()),
+            ));
+        }
+        *file = path;
     }
     Ok(())
 }

@@ -137,6 +137,47 @@ pub struct Quic {
     /// Send each connection's packets with UDP GSO (one system call per batch); falls back
     /// by itself where the kernel refuses. Read at start.
     pub gso: bool,
+    /// Receive with UDP GRO (the kernel hands over trains of datagrams in one read). Read at
+    /// start.
+    pub gro: bool,
+    /// This node's id in every connection ID it issues (CID bytes 1-2), so an L4 balancer in
+    /// front of a fleet (QUIC-LB plaintext mode, Katran) routes on it. Read at start.
+    pub server_id: u16,
+    /// Config-rotation codepoint (0-6) in the top bits of CID byte 0. Read at start.
+    pub cid_rotation: u8,
+    /// Steer each packet to the worker that owns its connection with a reuseport BPF program
+    /// reading the worker id in the CID. Without it, strays are forwarded between workers
+    /// (correct, slower). Read at start.
+    pub reuseport_bpf: bool,
+    /// Address validation with stateless Retry: `never`, `always`, or `auto` (only while a
+    /// worker sees more than `retry_above_rate` new connections per second).
+    pub retry: RetryMode,
+    pub retry_above_rate: u32,
+    /// How long a Retry token stays valid.
+    pub retry_token_lifetime: Seconds,
+    /// A file of at least 32 random bytes keying stateless resets and Retry tokens. Default:
+    /// derived from the TLS private key, so a restarted process (or a fleet sharing the key)
+    /// still resets old connections; with `self_signed`, random per start. Read at start.
+    pub secret_key_file: Option<PathBuf>,
+    /// Let clients move to a new address or port on purpose (RFC 9000 §9). NAT rebinding is
+    /// followed either way.
+    pub active_migration: bool,
+    /// Accept requests in 0-RTT early data: safe methods are forwarded with `early-data: 1`,
+    /// others answered 425 Too Early (RFC 8470).
+    pub early_data: bool,
+    /// Most connections a worker holds; beyond, new ones are refused (CONNECTION_REFUSED).
+    pub max_connections_per_worker: usize,
+    /// Most new connections a worker accepts per second (0: no limit); beyond, refused.
+    pub max_new_connections_per_sec: u32,
+}
+
+/// When Spooky sends a Retry to validate a client's address before keeping any state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryMode {
+    Never,
+    Always,
+    Auto,
 }
 
 impl Default for Quic {
@@ -149,6 +190,18 @@ impl Default for Quic {
             max_header_list_size: ByteSize(64 << 10),
             congestion_control: "cubic".into(),
             gso: true,
+            gro: true,
+            server_id: 0,
+            cid_rotation: 0,
+            reuseport_bpf: true,
+            retry: RetryMode::Auto,
+            retry_above_rate: 2_000,
+            retry_token_lifetime: Seconds(Duration::from_secs(10)),
+            secret_key_file: None,
+            active_migration: true,
+            early_data: false,
+            max_connections_per_worker: 100_000,
+            max_new_connections_per_sec: 0,
         }
     }
 }

@@ -12,19 +12,21 @@
 //! over its channel. Sockets are never closed or rebound while Spooky runs.
 
 pub mod admin;
+pub mod mailbox;
 pub mod snapshot;
 mod watch;
 
+use crate::edge::keys::EdgeKeys;
 use crate::edge::socket::{bind_reuseport, EdgeSocket};
-use crate::edge::worker::{Worker, WorkerCtx};
+use crate::edge::steering::{self, Stray};
+use crate::edge::worker::{Mesh, Worker, WorkerCtx};
 use crate::health::{active, HealthView};
 use crate::telemetry::{access_log, metrics as telemetry_metrics};
 use crate::transport::pool::Settings as H2Settings;
 use anyhow::Context as _;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use snapshot::{Snapshot, Source};
 use std::net::{SocketAddr, UdpSocket};
-use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -51,55 +53,8 @@ pub enum ToWorker {
     Health(Arc<HealthView>),
 }
 
-/// A worker's receiving end before it runs: the channel, and a datagram socket whose
-/// readability wakes the worker's event loop (a crossbeam channel cannot wake an io_uring loop).
-pub struct Inbox {
-    rx: Receiver<ToWorker>,
-    wake_io: UnixDatagram,
-}
-
-impl Inbox {
-    /// Registers the wake-up socket with the worker's runtime.
-    fn attach(self) -> std::io::Result<AttachedInbox> {
-        let wake = monoio::net::unix::UnixDatagram::from_std(self.wake_io.try_clone()?)?;
-        Ok(AttachedInbox { rx: self.rx, wake_io: self.wake_io, wake })
-    }
-}
-
-/// A worker's inbox on its runtime.
-pub struct AttachedInbox {
-    pub rx: Receiver<ToWorker>,
-    wake_io: UnixDatagram,
-    wake: monoio::net::unix::UnixDatagram,
-}
-
-impl AttachedInbox {
-    /// Resolves when the control thread has sent something.
-    pub async fn wakeup(&self) {
-        let _ = self.wake.readable(false).await;
-    }
-
-    /// Consumes pending wake-up bytes (the messages themselves are in `rx`).
-    pub fn clear_wakeups(&self) {
-        let mut b = [0u8; 64];
-        while self.wake_io.recv(&mut b).is_ok() {}
-    }
-}
-
-/// The control thread's end of one worker's inbox.
-struct WorkerLink {
-    tx: Sender<ToWorker>,
-    wake: UnixDatagram,
-}
-
-impl WorkerLink {
-    fn send(&self, msg: ToWorker) {
-        if self.tx.send(msg).is_ok() {
-            // A full wake-up socket already has a wake-up pending: ignore WouldBlock.
-            let _ = self.wake.send(&[1]);
-        }
-    }
-}
+/// A worker's inbox from the control thread.
+pub type AttachedInbox = mailbox::AttachedMailbox<ToWorker>;
 
 /// Runs Spooky on `first` until a drain completes (or a worker fails).
 pub fn run(first: Snapshot) -> anyhow::Result<()> {
@@ -108,6 +63,24 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
     let config = first.config.clone();
     let workers = config.workers.resolve();
     let sockets = bind_all(&config.listen, workers)?;
+    if config.quic.reuseport_bpf {
+        for (addr, socket) in config.listen.iter().zip(&sockets[0]) {
+            match steering::attach(socket, workers) {
+                Ok(()) => tracing::debug!(%addr, "reuseport BPF steering attached"),
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "cannot attach the reuseport BPF program; workers forward strays")
+                }
+            }
+        }
+    }
+    let keys = Arc::new(EdgeKeys::load(&config).context("loading the QUIC secret")?);
+    let mut stray_boxes = Vec::with_capacity(workers);
+    let mut peers = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (postbox, mailbox) = mailbox::mailbox(Some(steering::STRAY_QUEUE))?;
+        peers.push(postbox);
+        stray_boxes.push(mailbox);
+    }
     let listen: Vec<SocketAddr> = sockets[0].iter().map(|s| s.local_addr()).collect::<Result<_, _>>()?;
     let logger = access_log::start(&config.access_log);
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<Event>();
@@ -115,13 +88,11 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<anyhow::Result<()>>(workers);
     let mut links = Vec::with_capacity(workers);
     let mut threads = Vec::with_capacity(workers);
-    for (id, socks) in sockets.into_iter().enumerate() {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let (wake, wake_io) = UnixDatagram::pair()?;
-        wake.set_nonblocking(true)?;
-        wake_io.set_nonblocking(true)?;
-        links.push(WorkerLink { tx, wake });
-        let inbox = Inbox { rx, wake_io };
+    for ((id, socks), strays) in sockets.into_iter().enumerate().zip(stray_boxes) {
+        let peers = peers.iter().map(mailbox::Postbox::try_clone).collect::<Result<Vec<_>, _>>()?;
+        let (link, inbox) = mailbox::mailbox(None)?;
+        links.push(link);
+        let seed = WorkerSeed { id, sockets: socks, inbox, peers, strays, keys: keys.clone() };
         let snap = first.clone();
         let logger = logger.clone();
         let ready = ready_tx.clone();
@@ -133,7 +104,7 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
                     tracing::warn!(worker = id, "could not pin to core {}", core.id);
                 }
             }
-            let run = std::panic::AssertUnwindSafe(|| run_worker(id, socks, inbox, &snap, logger, ready));
+            let run = std::panic::AssertUnwindSafe(|| run_worker(seed, &snap, logger, ready));
             let error = match std::panic::catch_unwind(run) {
                 Ok(result) => result.err().map(|e| format!("{e:#}")),
                 Err(_) => Some("panicked".to_string()),
@@ -191,7 +162,7 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
             Event::Health(view) => {
                 let view = Arc::new(view);
                 for link in &control.links {
-                    link.send(ToWorker::Health(view.clone()));
+                    let _ = link.send(ToWorker::Health(view.clone()));
                 }
             }
             Event::WorkerExited { id, error } => {
@@ -214,7 +185,7 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
 
 /// The control thread's state after start-up.
 struct Control {
-    links: Vec<WorkerLink>,
+    links: Vec<mailbox::Postbox<ToWorker>>,
     admin: Arc<admin::AdminState>,
     current: Arc<Snapshot>,
     draining: bool,
@@ -247,7 +218,7 @@ impl Control {
         }
         let next = Arc::new(next);
         for link in &self.links {
-            link.send(ToWorker::Apply(next.clone()));
+            let _ = link.send(ToWorker::Apply(next.clone()));
         }
         *self.admin.current.lock().expect("not poisoned") = next.clone();
         self.checker.update(active::targets(&next.config), H2Settings::from_config(&next.config));
@@ -265,7 +236,7 @@ impl Control {
         tracing::info!(?timeout, "draining: no new connections, GOAWAY sent, waiting for in-flight requests");
         let deadline = Instant::now() + timeout;
         for link in &self.links {
-            link.send(ToWorker::Drain { deadline });
+            let _ = link.send(ToWorker::Drain { deadline });
         }
     }
 }
@@ -287,14 +258,25 @@ fn bind_all(listen: &[SocketAddr], workers: usize) -> anyhow::Result<Vec<Vec<Udp
     Ok(all)
 }
 
-fn run_worker(
+/// What a worker thread starts from, made on the control thread before the worker's runtime
+/// exists.
+struct WorkerSeed {
     id: usize,
     sockets: Vec<UdpSocket>,
-    inbox: Inbox,
+    inbox: mailbox::Mailbox<ToWorker>,
+    /// Every worker's stray-packet mailbox (by worker id), and this worker's own.
+    peers: Vec<mailbox::Postbox<Stray>>,
+    strays: mailbox::Mailbox<Stray>,
+    keys: Arc<EdgeKeys>,
+}
+
+fn run_worker(
+    seed: WorkerSeed,
     snap: &Snapshot,
     logger: access_log::AccessLogger,
     ready: Sender<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
+    let WorkerSeed { id, sockets, inbox, peers, strays, keys } = seed;
     let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
         .build()
@@ -319,8 +301,9 @@ fn run_worker(
             let gso = snap.config.quic.gso;
             let sockets = sockets.into_iter().map(|s| EdgeSocket::new(s, gso)).collect::<Result<Vec<_>, _>>()?;
             let inbox = inbox.attach()?;
+            let mesh = Mesh { peers, strays: strays.attach()? };
             let ctx = WorkerCtx::new(id, snap, logger, None)?;
-            Worker::new(id, sockets, snap, ctx, inbox)
+            Worker::new(id, sockets, snap, ctx, inbox, mesh, keys)
         };
         match setup() {
             Ok(worker) => {

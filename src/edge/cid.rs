@@ -43,6 +43,14 @@ impl CidGenerator {
     }
 }
 
+impl CidGenerator {
+    /// Whether `cid` was issued by this node (any of its workers): layout, rotation and
+    /// server id match.
+    pub fn issued_here(&self, cid: &[u8]) -> bool {
+        cid.len() == CID_LEN && cid[..WORKER_OFFSET] == self.prefix[..WORKER_OFFSET]
+    }
+}
+
 /// The worker id inside a CID Spooky issued, if `dcid` has Spooky's layout.
 pub fn worker_of(dcid: &[u8]) -> Option<u8> {
     (dcid.len() == CID_LEN && usize::from(dcid[0] & 0x1f) == CID_LEN - 1).then(|| dcid[WORKER_OFFSET])
@@ -62,5 +70,9 @@ mod tests {
         assert_eq!(worker_of(&a), Some(7));
         assert_ne!(a[4..], b[4..], "nonces differ");
         assert_eq!(worker_of(&a[..8]), None);
+        assert!(g.issued_here(&a));
+        assert!(CidGenerator::new(2, 0xabcd, 3).issued_here(&a), "any worker of the node");
+        assert!(!CidGenerator::new(2, 0xabce, 7).issued_here(&a), "another node");
+        assert!(!CidGenerator::new(3, 0xabcd, 7).issued_here(&a), "another rotation");
     }
 }

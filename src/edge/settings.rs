@@ -22,7 +22,10 @@ pub fn quic_config(config: &Config, tls: &TlsMaterial) -> anyhow::Result<quiche:
     // Let windows grow to what a fast bulk transfer needs, but no further.
     c.set_max_connection_window(q.max_data.0.max(24 << 20));
     c.set_max_stream_window(q.max_stream_data.0.max(8 << 20));
-    c.set_disable_active_migration(true);
+    c.set_disable_active_migration(!q.active_migration);
+    if q.early_data {
+        c.enable_early_data();
+    }
     c.set_cc_algorithm_name(&q.congestion_control).map_err(|e| anyhow::anyhow!("congestion control: {e}"))?;
     Ok(c)
 }

@@ -2,7 +2,9 @@
 //! pool and balancers. Nothing here is shared with other workers.
 //!
 //! Each turn, in this order:
-//! 1. receive: drain every socket (bounded batch) and feed the datagrams to their connections;
+//! 1. receive: drain every socket and the stray-packet mailbox (bounded batches) and feed the
+//!    datagrams to their connections (see [`super::steering`] for how packets find the worker
+//!    owning their connection, and [`super::admission`] for what happens to new ones);
 //! 2. control: apply a new configuration snapshot or start draining, if the control thread
 //!    sent one (swapped between turns: in-flight requests keep the snapshot they started with);
 //! 3. timers: fire quiche timeouts that are due;
@@ -15,13 +17,18 @@
 //! The loop sleeps only in step 6, so a response never waits for the next client packet and
 //! nothing polls on an interval.
 
-use super::cid::{CidGenerator, CID_LEN};
+use super::admission::{Admission, Refusal, Verdict};
+use super::cid::{self, CidGenerator, CID_LEN};
 use super::connection::Connection;
+use super::keys::{self, EdgeKeys};
+use super::retry;
 use super::settings;
 use super::socket::{EdgeSocket, GSO_MAX_SEGMENTS};
+use super::steering::Stray;
 use crate::bridge::exchange::{Notifier, StreamKey};
 use crate::bridge::request::RequestIds;
 use crate::config::HeaderPolicy;
+use crate::control::mailbox::{AttachedMailbox, Postbox};
 use crate::control::snapshot::Snapshot;
 use crate::control::{AttachedInbox, ToWorker};
 use crate::route::rate_limit::RateLimiter;
@@ -39,10 +46,12 @@ use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 /// Datagrams read from one socket before other work gets a turn.
 const RECV_BATCH: usize = 64;
+/// QUIC's CONNECTION_REFUSED transport error (RFC 9000 §20.1).
+const CONNECTION_REFUSED: u64 = 0x2;
 /// Largest datagram accepted (GRO can deliver up to 64 KiB later on).
 const RECV_BUF: usize = 65_535;
 
@@ -114,8 +123,19 @@ impl WorkerCtx {
     }
 }
 
+/// A worker's links to the other workers, for packets that reached the wrong one.
+pub struct Mesh {
+    /// Every worker's stray mailbox, by worker id (this worker's own included, unused).
+    pub peers: Vec<Postbox<Stray>>,
+    pub strays: AttachedMailbox<Stray>,
+}
+
 pub struct Worker {
     id: usize,
+    mesh: Mesh,
+    keys: Arc<EdgeKeys>,
+    admission: Admission,
+    retry_token_lifetime: Duration,
     sockets: Vec<EdgeSocket>,
     quic_config: quiche::Config,
     ctx: WorkerCtx,
@@ -142,9 +162,16 @@ impl Worker {
         snap: &Snapshot,
         ctx: WorkerCtx,
         inbox: AttachedInbox,
+        mesh: Mesh,
+        keys: Arc<EdgeKeys>,
     ) -> anyhow::Result<Self> {
+        let q = &snap.config.quic;
         Ok(Worker {
             id,
+            mesh,
+            keys,
+            admission: Admission::new(q, Instant::now()),
+            retry_token_lifetime: q.retry_token_lifetime.0,
             sockets,
             quic_config: settings::quic_config(&snap.config, &snap.tls)?,
             via_name: snap.config.headers.via_name.as_str().into(),
@@ -155,7 +182,7 @@ impl Worker {
             next_handle: 0,
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
-            cids: CidGenerator::new(0, 0, id as u8),
+            cids: CidGenerator::new(q.cid_rotation, q.server_id, id as u8),
             // The largest IPv4 UDP payload: a GSO batch is one datagram to the kernel.
             send_buf: vec![0; 65_507],
             max_datagram: snap.config.quic.max_udp_payload,
@@ -200,7 +227,7 @@ impl Worker {
                 match self.sockets[si].io.recv_from(buf) {
                     Ok((len, from)) => {
                         n += 1;
-                        self.on_datagram(si, &mut buf[..len], from);
+                        self.on_datagram(si, &mut buf[..len], from, false);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -212,34 +239,93 @@ impl Worker {
             self.ctx.metrics.packets_received.increment(n as u64);
             more |= n == RECV_BATCH;
         }
-        more
+        self.mesh.strays.clear_wakeups();
+        let mut n = 0;
+        while n < RECV_BATCH {
+            let Ok(mut stray) = self.mesh.strays.rx.try_recv() else { break };
+            n += 1;
+            self.on_datagram(stray.socket, &mut stray.data, stray.from, true);
+        }
+        more | (n == RECV_BATCH)
     }
 
-    fn on_datagram(&mut self, si: usize, pkt: &mut [u8], from: SocketAddr) {
+    /// Handles one datagram; `forwarded` when another worker handed it over.
+    fn on_datagram(&mut self, si: usize, pkt: &mut [u8], from: SocketAddr, forwarded: bool) {
         let hdr = match quiche::Header::from_slice(pkt, CID_LEN) {
             Ok(h) => h,
             Err(_) => return self.ctx.metrics.dropped(DropReason::Unparseable),
         };
         let handle = match self.by_cid.get(hdr.dcid.as_ref()) {
             Some(h) => *h,
-            None => match self.accept(si, &hdr, pkt.len(), from) {
-                Some(h) => h,
-                None => return,
-            },
+            None => {
+                // A CID of ours naming another worker: that worker owns the connection (or
+                // issued the Retry this Initial answers). Strays are handed over only once.
+                let owner = cid::worker_of(&hdr.dcid).map(usize::from);
+                if let Some(owner) = owner.filter(|&w| !forwarded && w != self.id && w < self.mesh.peers.len()) {
+                    return self.forward(owner, si, pkt, from);
+                }
+                match self.on_unknown_cid(si, &hdr, pkt, from) {
+                    Some(h) => h,
+                    None => return,
+                }
+            }
         };
         let local = self.sockets[si].local;
         let conn = self.conns.get_mut(&handle).expect("CID table points at live connections");
-        if let Err(e) = conn.quic.recv(pkt, quiche::RecvInfo { from, to: local }) {
-            tracing::trace!(error = %e, "packet rejected by quiche");
-            self.ctx.metrics.dropped(DropReason::Rejected);
+        match conn.quic.recv(pkt, quiche::RecvInfo { from, to: local }) {
+            Ok(_) => {
+                if conn.peer != from && conn.quic.is_established() {
+                    // quiche validates the new path and moves the connection (RFC 9000 §9).
+                    self.ctx.metrics.migrations.increment(1);
+                }
+                conn.peer = from;
+            }
+            Err(e) => {
+                tracing::trace!(error = %e, "packet rejected by quiche");
+                self.ctx.metrics.dropped(DropReason::Rejected);
+            }
         }
-        conn.peer = from;
         conn.on_input(&self.ctx);
         mark_dirty(&mut self.dirty, conn);
     }
 
-    /// Handles a packet for an unknown CID: a new connection if it is a valid Initial.
-    fn accept(&mut self, si: usize, hdr: &quiche::Header<'_>, len: usize, from: SocketAddr) -> Option<u64> {
+    /// Hands a packet to the worker that owns its connection.
+    fn forward(&mut self, owner: usize, si: usize, pkt: &[u8], from: SocketAddr) {
+        match self.mesh.peers[owner].send(Stray { data: pkt.to_vec(), from, socket: si }) {
+            Ok(()) => self.ctx.metrics.packets_forwarded.increment(1),
+            Err(_) => self.ctx.metrics.dropped(DropReason::StrayQueueFull),
+        }
+    }
+
+    /// A packet for no connection of this worker: a new connection, a version negotiation, a
+    /// stateless reset, or nothing.
+    fn on_unknown_cid(&mut self, si: usize, hdr: &quiche::Header<'_>, pkt: &mut [u8], from: SocketAddr) -> Option<u64> {
+        if hdr.ty == quiche::Type::Short {
+            // A connection this node forgot (restart, idle expiry): tell the client at once
+            // instead of letting it time out.
+            if self.cids.issued_here(&hdr.dcid) {
+                let token = self.keys.reset_token(&hdr.dcid);
+                if let Some(n) = keys::stateless_reset(token, pkt.len(), &mut self.send_buf) {
+                    let _ = self.sockets[si].io.send_to(&self.send_buf[..n], from);
+                    self.ctx.metrics.stateless_resets.increment(1);
+                    return None;
+                }
+            }
+            self.ctx.metrics.dropped(DropReason::UnknownCid);
+            return None;
+        }
+        // RFC 9000 §14.1: a client's first datagram is at least 1200 bytes; answering a
+        // smaller one would amplify.
+        if pkt.len() < 1200 {
+            self.ctx.metrics.dropped(DropReason::ShortInitial);
+            return None;
+        }
+        if !quiche::version_is_supported(hdr.version) {
+            let n = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut self.send_buf).ok()?;
+            let _ = self.sockets[si].io.send_to(&self.send_buf[..n], from);
+            self.ctx.metrics.version_negotiations.increment(1);
+            return None;
+        }
         if hdr.ty != quiche::Type::Initial {
             self.ctx.metrics.dropped(DropReason::UnknownCid);
             return None;
@@ -248,32 +334,66 @@ impl Worker {
             self.ctx.metrics.dropped(DropReason::Draining);
             return None;
         }
-        if !quiche::version_is_supported(hdr.version) {
-            let n = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut self.send_buf).ok()?;
-            let _ = self.sockets[si].io.send_to(&self.send_buf[..n], from);
-            metrics::counter!("spooky_version_negotiations_total").increment(1);
-            return None;
-        }
-        // RFC 9000 §14.1: Initial datagrams from clients are at least 1200 bytes.
-        if len < 1200 {
-            self.ctx.metrics.dropped(DropReason::ShortInitial);
-            return None;
-        }
-        let scid = self.cids.generate();
-        let local = self.sockets[si].local;
-        let quic =
-            match quiche::accept(&quiche::ConnectionId::from_ref(&scid), None, local, from, &mut self.quic_config) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(error = %e, "accept failed");
-                    return None;
+        self.accept(si, hdr, pkt, from)
+    }
+
+    /// A client's Initial: validates its Retry token if it has one, asks the admission policy,
+    /// then accepts, retries or refuses.
+    fn accept(&mut self, si: usize, hdr: &quiche::Header<'_>, pkt: &mut [u8], from: SocketAddr) -> Option<u64> {
+        let token = hdr.token.as_deref().filter(|t| retry::is_retry_token(t));
+        let odcid = match token {
+            Some(t) => {
+                match retry::open(&self.keys, t, from, &hdr.dcid, self.retry_token_lifetime, SystemTime::now()) {
+                    Ok(odcid) => Some(odcid),
+                    Err(e) => {
+                        tracing::debug!(error = ?e, %from, "Retry token refused");
+                        self.ctx.metrics.dropped(DropReason::InvalidToken);
+                        return None;
+                    }
                 }
-            };
+            }
+            None => None,
+        };
+        match self.admission.decide(odcid.is_some(), self.conns.len(), Instant::now()) {
+            Verdict::Accept => {}
+            Verdict::Retry => {
+                self.send_retry(si, hdr, from);
+                return None;
+            }
+            Verdict::Refuse(why) => {
+                self.refuse(si, pkt, from, why);
+                return None;
+            }
+        }
+        // After a Retry the client already uses the CID Spooky chose in it.
+        let scid = match odcid {
+            Some(_) => hdr.dcid.to_vec(),
+            None => self.cids.generate().to_vec(),
+        };
+        self.quic_config.set_stateless_reset_token(Some(self.keys.reset_token(&scid)));
+        let local = self.sockets[si].local;
+        let odcid_ref = odcid.as_deref().map(quiche::ConnectionId::from_ref);
+        let quic = match quiche::accept(
+            &quiche::ConnectionId::from_ref(&scid),
+            odcid_ref.as_ref(),
+            local,
+            from,
+            &mut self.quic_config,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "accept failed");
+                return None;
+            }
+        };
         let handle = self.next_handle;
         self.next_handle += 1;
         let mut conn = Connection::new(handle, quic, from, si, self.via_name.clone());
-        // The client keeps using its original DCID until it sees ours: map both.
-        conn.cids = vec![scid.to_vec(), hdr.dcid.to_vec()];
+        // Until the client sees our CID it keeps sending to the one it picked: map both.
+        conn.cids = vec![scid.clone()];
+        if hdr.dcid.as_ref() != scid.as_slice() {
+            conn.cids.push(hdr.dcid.to_vec());
+        }
         for cid in &conn.cids {
             self.by_cid.insert(cid.clone(), handle);
         }
@@ -281,6 +401,44 @@ impl Worker {
         self.ctx.metrics.connections_accepted.increment(1);
         self.ctx.metrics.connections_active.increment(1.0);
         Some(handle)
+    }
+
+    /// Answers with a Retry carrying a sealed token: the client must come back from the same
+    /// address, proving it is not spoofed, before Spooky keeps any state for it.
+    fn send_retry(&mut self, si: usize, hdr: &quiche::Header<'_>, from: SocketAddr) {
+        let new_scid = self.cids.generate();
+        let token = retry::seal(&self.keys, from, &hdr.dcid, &new_scid, SystemTime::now());
+        let new_scid = quiche::ConnectionId::from_ref(&new_scid);
+        match quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, &mut self.send_buf) {
+            Ok(n) => {
+                let _ = self.sockets[si].io.send_to(&self.send_buf[..n], from);
+                self.ctx.metrics.retries_sent.increment(1);
+            }
+            Err(e) => tracing::debug!(error = %e, "building a Retry failed"),
+        }
+    }
+
+    /// Refuses a new connection with CONNECTION_REFUSED. quiche can only close a connection it
+    /// has read the Initial of, so a throwaway one does, closes, sends and is dropped; it never
+    /// enters the connection table.
+    fn refuse(&mut self, si: usize, pkt: &mut [u8], from: SocketAddr, why: Refusal) {
+        self.ctx.metrics.refused(why);
+        let scid = self.cids.generate();
+        let local = self.sockets[si].local;
+        let Ok(mut quic) =
+            quiche::accept(&quiche::ConnectionId::from_ref(&scid), None, local, from, &mut self.quic_config)
+        else {
+            return;
+        };
+        let _ = quic.recv(pkt, quiche::RecvInfo { from, to: local });
+        let reason: &[u8] = match why {
+            Refusal::ConnectionLimit => b"connection limit",
+            Refusal::RateLimit => b"new-connection rate limit",
+        };
+        let _ = quic.close(false, CONNECTION_REFUSED, reason);
+        while let Ok((n, info)) = quic.send(&mut self.send_buf) {
+            let _ = self.sockets[si].io.send_to(&self.send_buf[..n], info.to);
+        }
     }
 
     /// Applies whatever the control thread sent since the last turn.
@@ -313,6 +471,8 @@ impl Worker {
             Ok(ctx) => {
                 self.ctx = ctx;
                 self.quic_config = quic;
+                self.admission.reconfigure(&snap.config.quic, Instant::now());
+                self.retry_token_lifetime = snap.config.quic.retry_token_lifetime.0;
                 self.via_name = snap.config.headers.via_name.as_str().into();
                 tracing::debug!(worker = self.id, version = snap.version, "configuration applied");
             }
@@ -367,6 +527,7 @@ impl Worker {
         while let Some(handle) = self.dirty.pop() {
             let Some(conn) = self.conns.get_mut(&handle) else { continue };
             conn.dirty = false;
+            sync_cids(conn, &mut self.by_cid, &self.cids, &self.keys);
             let socket = &self.sockets[conn.socket];
             // Packets of one flush go out in GSO batches: runs of equal-size datagrams to the
             // same address (the last of a run may be shorter), written back to back in
@@ -458,11 +619,13 @@ impl Worker {
         });
         let mut readable: Vec<_> = self.sockets.iter().map(|s| Box::pin(s.readable())).collect();
         let mut control = pin!(self.inbox.wakeup());
+        let mut strays = pin!(self.mesh.strays.wakeup());
         let notifier = self.ctx.notifier.clone();
         poll_fn(|cx| {
             if notifier.poll_ready(cx).is_ready()
                 || sleep.as_mut().poll(cx).is_ready()
                 || control.as_mut().poll(cx).is_ready()
+                || strays.as_mut().poll(cx).is_ready()
             {
                 return Poll::Ready(());
             }
@@ -482,6 +645,27 @@ async fn flush_batch(socket: &EdgeSocket, buf: &[u8], segment: usize, to: Option
     let Some(to) = to.filter(|_| !buf.is_empty()) else { return };
     if let Err(e) = socket.send_batch(buf, segment, to).await {
         tracing::debug!(error = %e, %to, "UDP send failed");
+    }
+}
+
+/// Keeps a connection's CIDs in the worker's table in step with quiche: forgets the ones the
+/// client retired and, once the handshake is done, issues spare ones (with their reset tokens)
+/// so the client can migrate to a new path with a fresh CID (RFC 9000 §9.5).
+fn sync_cids(conn: &mut Connection, by_cid: &mut HashMap<Vec<u8>, u64>, cids: &CidGenerator, keys: &EdgeKeys) {
+    while let Some(retired) = conn.quic.retired_scid_next() {
+        by_cid.remove(retired.as_ref());
+        conn.cids.retain(|c| c.as_slice() != retired.as_ref());
+    }
+    if !conn.quic.is_established() {
+        return;
+    }
+    while conn.quic.scids_left() > 0 {
+        let cid = cids.generate();
+        if conn.quic.new_scid(&quiche::ConnectionId::from_ref(&cid), keys.reset_token(&cid), false).is_err() {
+            break;
+        }
+        by_cid.insert(cid.to_vec(), conn.handle);
+        conn.cids.push(cid.to_vec());
     }
 }
 

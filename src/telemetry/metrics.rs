@@ -10,6 +10,10 @@
 //! | `spooky_connections_accepted_total`, `spooky_quic_handshakes_total` | counter | worker |
 //! | `spooky_packets_received_total`, `spooky_packets_sent_total` | counter | worker |
 //! | `spooky_packets_dropped_total` | counter | worker, reason |
+//! | `spooky_packets_forwarded_total` | counter | worker — strays handed to the owning worker |
+//! | `spooky_stateless_resets_sent_total`, `spooky_retries_sent_total`, `spooky_version_negotiations_total` | counter | worker |
+//! | `spooky_connections_refused_total` | counter | worker, reason (`connection_limit`, `rate_limit`) |
+//! | `spooky_connection_migrations_total` | counter | worker |
 //! | `spooky_malformed_requests_total` | counter | worker |
 //! | `spooky_quic_rtt_seconds`, `spooky_quic_cwnd_bytes` | histogram | sampled from quiche when a connection closes |
 //! | `spooky_quic_packets_lost_total`, `spooky_quic_packets_retransmitted_total` | counter | worker |
@@ -57,9 +61,17 @@ pub enum DropReason {
     ShortInitial,
     Rejected,
     Draining,
+    /// The owning worker's stray-packet mailbox was full.
+    StrayQueueFull,
+    /// An Initial carried a Retry token that was altered, expired or for another client.
+    InvalidToken,
 }
 
-const DROP_REASONS: [&str; 5] = ["unparseable", "unknown_cid", "short_initial", "rejected", "draining"];
+const DROP_REASONS: [&str; 7] =
+    ["unparseable", "unknown_cid", "short_initial", "rejected", "draining", "stray_queue_full", "invalid_token"];
+
+/// Why a new connection was refused.
+const REFUSALS: [&str; 2] = ["connection_limit", "rate_limit"];
 
 /// One worker's pre-registered metric handles.
 pub struct WorkerMetrics {
@@ -75,7 +87,15 @@ pub struct WorkerMetrics {
     pub quic_cwnd: Histogram,
     pub quic_lost: Counter,
     pub quic_retransmitted: Counter,
-    dropped: [Counter; 5],
+    /// Packets handed to the worker owning their connection (the BPF program missed them).
+    pub packets_forwarded: Counter,
+    pub stateless_resets: Counter,
+    pub retries_sent: Counter,
+    pub version_negotiations: Counter,
+    /// Connections that moved to a new client address or port (migration, NAT rebinding).
+    pub migrations: Counter,
+    refused: [Counter; 2],
+    dropped: [Counter; 7],
 }
 
 impl WorkerMetrics {
@@ -94,6 +114,13 @@ impl WorkerMetrics {
             quic_cwnd: metrics::histogram!("spooky_quic_cwnd_bytes", &l()),
             quic_lost: metrics::counter!("spooky_quic_packets_lost_total", &l()),
             quic_retransmitted: metrics::counter!("spooky_quic_packets_retransmitted_total", &l()),
+            packets_forwarded: metrics::counter!("spooky_packets_forwarded_total", &l()),
+            stateless_resets: metrics::counter!("spooky_stateless_resets_sent_total", &l()),
+            retries_sent: metrics::counter!("spooky_retries_sent_total", &l()),
+            version_negotiations: metrics::counter!("spooky_version_negotiations_total", &l()),
+            migrations: metrics::counter!("spooky_connection_migrations_total", &l()),
+            refused: REFUSALS
+                .map(|r| metrics::counter!("spooky_connections_refused_total", "worker" => w.clone(), "reason" => r)),
             dropped: DROP_REASONS
                 .map(|r| metrics::counter!("spooky_packets_dropped_total", "worker" => w.clone(), "reason" => r)),
             worker: w,
@@ -102,6 +129,10 @@ impl WorkerMetrics {
 
     pub fn dropped(&self, reason: DropReason) {
         self.dropped[reason as usize].increment(1);
+    }
+
+    pub fn refused(&self, reason: crate::edge::admission::Refusal) {
+        self.refused[reason as usize].increment(1);
     }
 
     /// Handles for the requests of one route (or of none, for `route: None`).

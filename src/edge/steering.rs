@@ -1,0 +1,160 @@
+//! Getting every packet to the worker that owns its connection, with no shared table.
+//!
+//! 1. **In the kernel:** a classic BPF program attached to each listen address's reuseport
+//!    group reads the worker id at its fixed offset in the destination CID (see [`super::cid`])
+//!    and returns it as the socket index. Sockets join the group in worker order, so index =
+//!    worker. Packets whose DCID is not in Spooky's layout (a client's first Initial and its
+//!    0-RTT packets) make the program return an index past the group, which tells the kernel
+//!    to use its usual 4-tuple hash.
+//! 2. **In Spooky:** when a packet still reaches the wrong worker (BPF disabled or refused,
+//!    or a race while a socket joins), the worker hands it to the owner as a [`Stray`] over a
+//!    bounded mailbox, counted; correctness never depends on the BPF program.
+
+use super::cid::{CID_LEN, WORKER_OFFSET};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+
+/// Stray packets one worker may have queued for another before further ones are dropped.
+pub const STRAY_QUEUE: usize = 4096;
+
+/// A packet received by a worker that does not own its connection.
+pub struct Stray {
+    pub data: Vec<u8>,
+    pub from: SocketAddr,
+    /// Index of the listen address (the same in every worker) it arrived on.
+    pub socket: usize,
+}
+
+/// Byte offset of the DCID in a short-header packet (after the first byte).
+const SHORT_DCID: u32 = 1;
+/// Byte offset of the DCID in a long-header packet (first byte, version, DCID length).
+const LONG_DCID: u32 = 6;
+
+/// The steering program for a group of `workers` sockets. Offset 0 is the first byte of the
+/// UDP payload.
+fn program(workers: u32) -> Vec<libc::sock_filter> {
+    const LD_B: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+    const AND: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
+    const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JGE: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const RET_A: u16 = (libc::BPF_RET | libc::BPF_A) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let marker = (CID_LEN - 1) as u32; // low five bits of CID byte 0: the length of the rest
+    let worker = WORKER_OFFSET as u32;
+    // Jump offsets count from the next instruction; FALLBACK is instruction 16.
+    vec![
+        /* 0 */ op(LD_B, 0, 0, 0),
+        /* 1 */ op(JSET, 6, 0, 0x80), // long header → 8
+        // Short header: the DCID has no length field; check our layout marker.
+        /* 2 */
+        op(LD_B, 0, 0, SHORT_DCID),
+        /* 3 */ op(AND, 0, 0, 0x1f),
+        /* 4 */ op(JEQ, 0, 11, marker),
+        /* 5 */ op(LD_B, 0, 0, SHORT_DCID + worker),
+        /* 6 */ op(JGE, 9, 0, workers),
+        /* 7 */ op(RET_A, 0, 0, 0),
+        // Long header: DCID length, then the same checks at the long-header offset.
+        /* 8 */
+        op(LD_B, 0, 0, LONG_DCID - 1),
+        /* 9 */ op(JEQ, 0, 6, CID_LEN as u32),
+        /* 10 */ op(LD_B, 0, 0, LONG_DCID),
+        /* 11 */ op(AND, 0, 0, 0x1f),
+        /* 12 */ op(JEQ, 0, 3, marker),
+        /* 13 */ op(LD_B, 0, 0, LONG_DCID + worker),
+        /* 14 */ op(JGE, 1, 0, workers),
+        /* 15 */ op(RET_A, 0, 0, 0),
+        /* 16 FALLBACK */ op(RET_K, 0, 0, u32::MAX),
+    ]
+}
+
+/// Attaches the steering program to the reuseport group `socket` belongs to.
+pub fn attach(socket: &UdpSocket, workers: usize) -> std::io::Result<()> {
+    let mut filter = program(workers as u32);
+    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_mut_ptr() };
+    // SAFETY: `prog` points at `filter`, alive for the call; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            &prog as *const libc::sock_fprog as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the program on `pkt` the way the kernel does (loads past the end abort with 0).
+    fn run(prog: &[libc::sock_filter], pkt: &[u8]) -> u32 {
+        let (mut pc, mut a) = (0usize, 0u32);
+        loop {
+            let i = prog[pc];
+            pc += 1;
+            let class = u32::from(i.code) & 0x07;
+            match class {
+                libc::BPF_LD => match pkt.get(i.k as usize) {
+                    Some(b) => a = u32::from(*b),
+                    None => return 0,
+                },
+                libc::BPF_ALU => a &= i.k,
+                libc::BPF_JMP => {
+                    let taken = match u32::from(i.code) & 0xf0 {
+                        libc::BPF_JSET => a & i.k != 0,
+                        libc::BPF_JEQ => a == i.k,
+                        libc::BPF_JGE => a >= i.k,
+                        other => panic!("unexpected jump {other:#x}"),
+                    };
+                    pc += usize::from(if taken { i.jt } else { i.jf });
+                }
+                libc::BPF_RET => return if u32::from(i.code) & 0x18 == libc::BPF_A { a } else { i.k },
+                other => panic!("unexpected class {other:#x}"),
+            }
+        }
+    }
+
+    fn cid(worker: u8) -> [u8; CID_LEN] {
+        super::super::cid::CidGenerator::new(1, 7, worker).generate()
+    }
+
+    #[test]
+    fn short_header_goes_to_the_worker_in_the_cid() {
+        let prog = program(4);
+        for w in 0..4 {
+            let mut pkt = vec![0x40];
+            pkt.extend_from_slice(&cid(w));
+            pkt.extend_from_slice(&[0xaa; 40]);
+            assert_eq!(run(&prog, &pkt), u32::from(w));
+        }
+        // A worker id past the group, or a foreign CID layout: the kernel's hash decides.
+        let mut pkt = vec![0x40];
+        pkt.extend_from_slice(&cid(9));
+        assert_eq!(run(&prog, &pkt), u32::MAX);
+        pkt[1] = 0x08;
+        pkt[4] = 1;
+        assert_eq!(run(&prog, &pkt), u32::MAX);
+    }
+
+    #[test]
+    fn long_header_uses_the_dcid_when_it_is_spookys() {
+        let prog = program(2);
+        // Handshake packet (type 2) to worker 1.
+        let mut pkt = vec![0xe0, 0, 0, 0, 1, CID_LEN as u8];
+        pkt.extend_from_slice(&cid(1));
+        pkt.extend_from_slice(&[8, 1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(run(&prog, &pkt), 1);
+        // A client's first Initial: its own random 8-byte DCID → fallback.
+        let mut initial = vec![0xc0, 0, 0, 0, 1, 8];
+        initial.extend_from_slice(&[0x5a; 8]);
+        initial.extend_from_slice(&[0; 1200]);
+        assert_eq!(run(&prog, &initial), u32::MAX);
+    }
+}
