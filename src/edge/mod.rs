@@ -6,6 +6,7 @@
 //! - [`keys`]: the secrets behind stateless resets and Retry tokens.
 //! - [`retry`]: sealing and checking Retry tokens.
 //! - [`admission`]: accept, Retry or refuse a new connection (limits, flood response).
+//! - [`refuse`]: the stateless CONNECTION_REFUSED answer (hand-built server Initial).
 //! - [`tls`]: certificate material (loaded by the control thread, shared by workers).
 //! - [`settings`]: the `quiche` transport and HTTP/3 configuration built from a snapshot.
 //! - [`connection`]: one QUIC connection: its HTTP/3 streams and their bridge to upstream tasks.
@@ -15,6 +16,7 @@ pub mod admission;
 pub mod cid;
 pub mod connection;
 pub mod keys;
+pub mod refuse;
 pub mod retry;
 pub mod settings;
 pub mod socket;

@@ -23,6 +23,11 @@ pub fn quic_config(config: &Config, tls: &TlsMaterial) -> anyhow::Result<quiche:
     c.set_max_connection_window(q.max_data.0.max(24 << 20));
     c.set_max_stream_window(q.max_stream_data.0.max(8 << 20));
     c.set_disable_active_migration(!q.active_migration);
+    // quiche keeps one path per client address seen and frees a path only once its CID is
+    // retired; after NAT rebinding the old path keeps the CID it shared with the new one. The
+    // path table is as large as this limit, so it bounds the rebindings a connection can
+    // follow (7 here); it also lets clients hand us more spare CIDs.
+    c.set_active_connection_id_limit(8);
     if q.early_data {
         c.enable_early_data();
     }

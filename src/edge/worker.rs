@@ -21,10 +21,10 @@ use super::admission::{Admission, Refusal, Verdict};
 use super::cid::{self, CidGenerator, CID_LEN};
 use super::connection::Connection;
 use super::keys::{self, EdgeKeys};
-use super::retry;
 use super::settings;
 use super::socket::{EdgeSocket, GSO_MAX_SEGMENTS};
 use super::steering::Stray;
+use super::{refuse, retry};
 use crate::bridge::exchange::{Notifier, StreamKey};
 use crate::bridge::request::RequestIds;
 use crate::config::HeaderPolicy;
@@ -334,12 +334,12 @@ impl Worker {
             self.ctx.metrics.dropped(DropReason::Draining);
             return None;
         }
-        self.accept(si, hdr, pkt, from)
+        self.accept(si, hdr, from)
     }
 
     /// A client's Initial: validates its Retry token if it has one, asks the admission policy,
     /// then accepts, retries or refuses.
-    fn accept(&mut self, si: usize, hdr: &quiche::Header<'_>, pkt: &mut [u8], from: SocketAddr) -> Option<u64> {
+    fn accept(&mut self, si: usize, hdr: &quiche::Header<'_>, from: SocketAddr) -> Option<u64> {
         let token = hdr.token.as_deref().filter(|t| retry::is_retry_token(t));
         let odcid = match token {
             Some(t) => {
@@ -361,7 +361,7 @@ impl Worker {
                 return None;
             }
             Verdict::Refuse(why) => {
-                self.refuse(si, pkt, from, why);
+                self.refuse(si, hdr, from, why);
                 return None;
             }
         }
@@ -418,26 +418,18 @@ impl Worker {
         }
     }
 
-    /// Refuses a new connection with CONNECTION_REFUSED. quiche can only close a connection it
-    /// has read the Initial of, so a throwaway one does, closes, sends and is dropped; it never
-    /// enters the connection table.
-    fn refuse(&mut self, si: usize, pkt: &mut [u8], from: SocketAddr, why: Refusal) {
+    /// Refuses a new connection with CONNECTION_REFUSED, statelessly (see [`refuse`]).
+    fn refuse(&mut self, si: usize, hdr: &quiche::Header<'_>, from: SocketAddr, why: Refusal) {
         self.ctx.metrics.refused(why);
-        let scid = self.cids.generate();
-        let local = self.sockets[si].local;
-        let Ok(mut quic) =
-            quiche::accept(&quiche::ConnectionId::from_ref(&scid), None, local, from, &mut self.quic_config)
-        else {
-            return;
-        };
-        let _ = quic.recv(pkt, quiche::RecvInfo { from, to: local });
         let reason: &[u8] = match why {
             Refusal::ConnectionLimit => b"connection limit",
             Refusal::RateLimit => b"new-connection rate limit",
         };
-        let _ = quic.close(false, CONNECTION_REFUSED, reason);
-        while let Ok((n, info)) = quic.send(&mut self.send_buf) {
-            let _ = self.sockets[si].io.send_to(&self.send_buf[..n], info.to);
+        let scid = self.cids.generate();
+        if let Some(n) =
+            refuse::initial_close(&hdr.dcid, &hdr.scid, &scid, CONNECTION_REFUSED, reason, &mut self.send_buf)
+        {
+            let _ = self.sockets[si].io.send_to(&self.send_buf[..n], from);
         }
     }
 

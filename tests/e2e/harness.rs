@@ -122,7 +122,9 @@ impl Spooky {
         };
         std::fs::write(&config, yaml).expect("write config");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_spooky"));
-        cmd.arg("run").arg("--config").arg(&config).env("RUST_LOG", "info");
+        // SPOOKY_TEST_LOG raises the log level when debugging a test.
+        let level = std::env::var("SPOOKY_TEST_LOG").unwrap_or_else(|_| "info".into());
+        cmd.arg("run").arg("--config").arg(&config).env("RUST_LOG", level);
         let (proc, line) = spawn_until(cmd, unique("spooky.log"), "spooky ready");
         let field = |name: &str| {
             line.split(&format!("{name}=")).nth(1).and_then(|s| s.split([',', ' ']).next()).unwrap_or("").to_string()
@@ -206,16 +208,26 @@ impl Spooky {
 
     /// Inodes of the UDP sockets bound to Spooky's port (to prove nothing was rebound).
     pub fn udp_socket_inodes(&self) -> Vec<u64> {
+        let mut inodes = self.udp_socket_column(9);
+        inodes.sort();
+        inodes
+    }
+
+    /// Datagrams the kernel dropped on Spooky's sockets (receive buffer full), in total.
+    pub fn udp_drops(&self) -> u64 {
+        self.udp_socket_column(12).iter().sum()
+    }
+
+    /// One numeric column of /proc/net/udp for the sockets bound to Spooky's port.
+    fn udp_socket_column(&self, column: usize) -> Vec<u64> {
         let port = format!(":{:04X} ", self.addr.port());
         let table = std::fs::read_to_string("/proc/net/udp").unwrap();
-        let mut inodes: Vec<u64> = table
+        table
             .lines()
             .skip(1)
             .filter(|l| l.split_whitespace().nth(1).is_some_and(|local| format!("{local} ").ends_with(&port)))
-            .filter_map(|l| l.split_whitespace().nth(9).and_then(|i| i.parse().ok()))
-            .collect();
-        inodes.sort();
-        inodes
+            .filter_map(|l| l.split_whitespace().nth(column).and_then(|i| i.parse().ok()))
+            .collect()
     }
 }
 

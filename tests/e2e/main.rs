@@ -8,6 +8,7 @@ mod balancing;
 mod bodies;
 mod config_errors;
 mod control;
+mod edge;
 mod failures;
 mod headers;
 mod large_transfers;

@@ -1,0 +1,244 @@
+//! The QUIC edge: packets reach the worker owning their connection (reuseport BPF, or the
+//! stray hand-off without it), NAT rebinding, stateless resets after a restart, Retry,
+//! version negotiation, garbage, and connection limits.
+
+use crate::harness::{metric_sum, Backend, Spooky, PREAMBLE};
+use spooky::tools::h3client::{Client, Error, Options, Request};
+use std::net::UdpSocket;
+use std::time::Duration;
+
+fn config(backend: &Backend, quic: &str) -> String {
+    format!("{PREAMBLE}quic: {{ {quic} }}\nupstreams:\n  main: {{ backends: [{{ address: \"{}\" }}] }}\nroutes:\n  - {{ upstream: main }}\n", backend.addr)
+}
+
+fn get_ok(client: &mut Client, path: &str) {
+    let r = client.request(Request::get(path)).expect("request");
+    assert_eq!(r.status, 200, "{path}");
+    assert_eq!(r.body_len, 1000, "{path}");
+}
+
+fn counter(spooky: &Spooky, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_sum(&spooky.metrics(), name, labels)
+}
+
+/// Each client makes a request, moves to a new source port (NAT rebinding) and makes
+/// another, `rebinds` times.
+fn requests_across_rebinds(spooky: &Spooky, clients: usize, rebinds: usize) {
+    let mut all: Vec<Client> = (0..clients).map(|_| spooky.client()).collect();
+    for round in 0..=rebinds {
+        for c in all.iter_mut() {
+            let r = c.request(Request::get("/bytes/1000"));
+            let r = r.unwrap_or_else(|e| panic!("round {round}: {e}; log:\n{}", spooky.proc.log_text()));
+            assert_eq!((r.status, r.body_len), (200, 1000));
+            if round < rebinds {
+                let before = c.local_port();
+                c.rebind().unwrap();
+                assert_ne!(before, c.local_port());
+            }
+        }
+    }
+    for c in all {
+        c.close();
+    }
+}
+
+#[test]
+fn with_bpf_every_packet_reaches_its_owning_worker_even_after_rebinding() {
+    let backend = Backend::start("edge-bpf");
+    let spooky = Spooky::start(&config(&backend, ""));
+    requests_across_rebinds(&spooky, 8, 2);
+    let m = spooky.metrics();
+    assert_eq!(metric_sum(&m, "spooky_connections_accepted_total", &[]), 8.0);
+    // Every rebinding was followed by the connection's own worker...
+    assert_eq!(metric_sum(&m, "spooky_connection_migrations_total", &[]), 16.0);
+    // ...and no packet had to be handed over: the kernel steered each one by its CID.
+    assert_eq!(metric_sum(&m, "spooky_packets_forwarded_total", &[]), 0.0);
+    assert_eq!(metric_sum(&m, "spooky_packets_dropped_total", &[("reason", "unknown_cid")]), 0.0);
+}
+
+#[test]
+fn without_bpf_strays_are_handed_to_their_owner_and_nothing_is_lost() {
+    let backend = Backend::start("edge-nobpf");
+    let spooky = Spooky::start(&config(&backend, "reuseport_bpf: false"));
+    // 8 × 3 rebindings: the kernel's 4-tuple hash sends about half of the new ports to the
+    // other worker (all staying put: probability 2^-24).
+    requests_across_rebinds(&spooky, 8, 3);
+    let m = spooky.metrics();
+    assert!(metric_sum(&m, "spooky_packets_forwarded_total", &[]) > 0.0);
+    assert_eq!(metric_sum(&m, "spooky_connection_migrations_total", &[]), 24.0);
+    assert_eq!(metric_sum(&m, "spooky_packets_dropped_total", &[("reason", "stray_queue_full")]), 0.0);
+    assert_eq!(metric_sum(&m, "spooky_packets_dropped_total", &[("reason", "unknown_cid")]), 0.0);
+}
+
+#[test]
+fn a_restarted_spooky_resets_connections_it_forgot() {
+    let backend = Backend::start("edge-reset");
+    let key = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key.path(), [0x5a; 32]).unwrap();
+    let first = Spooky::start(&config(&backend, &format!("secret_key_file: {}", key.path().display())));
+    let mut client = first.client_with(Options { timeout: Duration::from_secs(10), ..Options::default() });
+    get_ok(&mut client, "/bytes/1000");
+    let port = first.addr.port();
+    drop(first);
+    let again = config(&backend, &format!("secret_key_file: {}", key.path().display()))
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+    let second = Spooky::start(&again);
+    // The new process has no state for the connection, but its reset token is the same: the
+    // client learns at once instead of waiting for its idle timeout.
+    match client.request(Request::get("/bytes/1000")) {
+        Err(Error::Closed(reason)) => assert_eq!(reason, "closed", "a stateless reset, not an error frame"),
+        other => panic!("expected the connection to be reset, got {other:?}"),
+    }
+    assert!(counter(&second, "spooky_stateless_resets_sent_total", &[]) >= 1.0);
+    // New connections to the new process work.
+    get_ok(&mut second.client(), "/bytes/1000");
+}
+
+#[test]
+fn retry_always_validates_every_client_and_never_none() {
+    let backend = Backend::start("edge-retry");
+    let always = Spooky::start(&config(&backend, "retry: always"));
+    for _ in 0..3 {
+        let mut c = always.client();
+        get_ok(&mut c, "/bytes/1000");
+        c.close();
+    }
+    let m = always.metrics();
+    assert_eq!(metric_sum(&m, "spooky_retries_sent_total", &[]), 3.0);
+    assert_eq!(metric_sum(&m, "spooky_connections_accepted_total", &[]), 3.0);
+    assert_eq!(metric_sum(&m, "spooky_packets_dropped_total", &[("reason", "invalid_token")]), 0.0);
+
+    let never = Spooky::start(&config(&backend, "retry: never"));
+    get_ok(&mut never.client(), "/bytes/1000");
+    assert_eq!(counter(&never, "spooky_retries_sent_total", &[]), 0.0);
+}
+
+/// A long-header Initial-sized datagram with an unknown version.
+fn unknown_version_packet(len: usize) -> Vec<u8> {
+    let mut p = vec![0xc0, 0x1a, 0x2a, 0x3a, 0x4a, 8];
+    p.extend_from_slice(&[0xd1; 8]); // DCID
+    p.push(8);
+    p.extend_from_slice(&[0x5c; 8]); // SCID
+    p.resize(len, 0);
+    p
+}
+
+#[test]
+fn unknown_versions_get_version_negotiation_and_small_ones_nothing() {
+    let backend = Backend::start("edge-vn");
+    let spooky = Spooky::start(&config(&backend, ""));
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.connect(spooky.addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    sock.send(&unknown_version_packet(1200)).unwrap();
+    let mut buf = [0u8; 1500];
+    let n = sock.recv(&mut buf).expect("a Version Negotiation packet");
+    let vn = &buf[..n];
+    assert_eq!(vn[0] & 0x80, 0x80, "long header");
+    assert_eq!(&vn[1..5], &[0, 0, 0, 0], "version 0 marks Version Negotiation");
+    assert_eq!((vn[5], &vn[6..14]), (8, &[0x5c; 8][..]), "DCID echoes the client's SCID");
+    assert_eq!((vn[14], &vn[15..23]), (8, &[0xd1; 8][..]), "SCID echoes the client's DCID");
+    let versions: Vec<u32> = vn[23..].chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+    assert!(versions.contains(&1), "QUIC v1 offered: {versions:x?}");
+    // Below 1200 bytes an answer could amplify a spoofed packet: dropped and counted.
+    sock.send(&unknown_version_packet(300)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    assert!(sock.recv(&mut buf).is_err(), "no answer to a short datagram");
+    let m = spooky.metrics();
+    assert_eq!(metric_sum(&m, "spooky_version_negotiations_total", &[]), 1.0);
+    assert_eq!(metric_sum(&m, "spooky_packets_dropped_total", &[("reason", "short_initial")]), 1.0);
+}
+
+/// A deterministic stream of pseudo-random bytes (xorshift64).
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            *b = self.next() as u8;
+        }
+    }
+}
+
+#[test]
+fn garbage_datagrams_are_each_counted_once_and_harm_no_one() {
+    let backend = Backend::start("edge-garbage");
+    let spooky = Spooky::start(&config(&backend, ""));
+    let mut client = spooky.client();
+    get_ok(&mut client, "/bytes/1000");
+    let before = spooky.metrics();
+    let kernel_drops_before = spooky.udp_drops();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+    let mut sent = 0.0;
+    for i in 0..600 {
+        let len = [1, 7, 30, 64, 600, 1200, 1350][i % 7];
+        let mut pkt = vec![0u8; len];
+        noise.fill(&mut pkt);
+        if i % 3 == 0 && len > 20 {
+            // A short header with a CID in Spooky's layout that no connection has: answered
+            // with a stateless reset (or handed to the worker it names first).
+            pkt[0] = 0x40 | (pkt[0] & 0x3f);
+            pkt[1] = 0x0f;
+            pkt[2..4].copy_from_slice(&[0, 0]);
+            pkt[4] = (i % 2) as u8;
+        }
+        sock.send_to(&pkt, spooky.addr).unwrap();
+        sent += 1.0;
+        if i % 50 == 0 {
+            get_ok(&mut client, "/bytes/1000");
+        }
+    }
+    get_ok(&mut client, "/bytes/1000");
+    let after = spooky.metrics();
+    let delta = |name: &str| metric_sum(&after, name, &[]) - metric_sum(&before, name, &[]);
+    // Each datagram ends in exactly one of: dropped (by reason), a stateless reset, a version
+    // negotiation; a forwarded one is counted again by the worker it was handed to.
+    // The kernel may drop a few when the receive buffer (rmem_max) overflows: those count too.
+    let outcomes = (spooky.udp_drops() - kernel_drops_before) as f64
+        + delta("spooky_packets_dropped_total")
+        + delta("spooky_stateless_resets_sent_total")
+        + delta("spooky_version_negotiations_total");
+    assert_eq!(outcomes, sent, "every garbage datagram accounted for");
+    assert!(delta("spooky_stateless_resets_sent_total") > 0.0);
+    assert_eq!(delta("spooky_connections_accepted_total"), 0.0, "garbage opened no connection");
+    client.close();
+}
+
+#[test]
+fn connection_limits_refuse_new_clients_cleanly_and_keep_existing_ones() {
+    let backend = Backend::start("edge-limits");
+    let one_worker = |quic: &str| config(&backend, quic).replace("workers: 2", "workers: 1");
+    let spooky = Spooky::start(&one_worker("max_connections_per_worker: 2"));
+    let mut a = spooky.client();
+    let mut b = spooky.client();
+    match Client::connect(spooky.addr, Options::default()) {
+        Err(Error::Closed(reason)) => assert!(reason.contains("peer error 0x2"), "{reason}"),
+        other => panic!("expected CONNECTION_REFUSED, got {:?}", other.map(|_| "a connection")),
+    }
+    get_ok(&mut a, "/bytes/1000");
+    get_ok(&mut b, "/bytes/1000");
+    a.close();
+    // Counted per refused Initial datagram (a client may send several before it hears back).
+    assert!(counter(&spooky, "spooky_connections_refused_total", &[("reason", "connection_limit")]) >= 1.0);
+
+    let spooky = Spooky::start(&one_worker("max_new_connections_per_sec: 1"));
+    let mut first = spooky.client();
+    match Client::connect(spooky.addr, Options::default()) {
+        Err(Error::Closed(reason)) => assert!(reason.contains("peer error 0x2"), "{reason}"),
+        other => panic!(
+            "expected CONNECTION_REFUSED, got {:?}; {:?}",
+            other.map(|_| "a connection"),
+            spooky.admin_get("/metrics").1.lines().filter(|l| l.contains("connections_")).collect::<Vec<_>>()
+        ),
+    }
+    get_ok(&mut first, "/bytes/1000");
+    assert!(counter(&spooky, "spooky_connections_refused_total", &[("reason", "rate_limit")]) >= 1.0);
+}
