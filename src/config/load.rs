@@ -433,6 +433,26 @@ routes:
         assert_eq!(c.upstreams["demo"].backends[0].addr, "127.0.0.1:8081".parse().unwrap());
         assert_eq!(c.routes[0].path_prefix, "/");
         assert_eq!(c.quic.max_concurrent_streams, 256);
+        assert_eq!(c.tls.ticket_key_rotation.0, Duration::from_secs(3600));
+        assert!(c.tls.sni.is_empty());
+    }
+
+    #[test]
+    fn sni_names_and_ticket_rotation_are_checked() {
+        let tls = |extra: &str| {
+            GOOD.replace("tls: { self_signed: [localhost] }", &format!("tls:\n  self_signed: [localhost]\n{extra}"))
+        };
+        let e = err(&tls("  ticket_key_rotation: 8d"));
+        assert_eq!(e.key, "tls.ticket_key_rotation");
+        let e = err(&tls("  sni: [{ cert: /nonexistent.pem, key: /nonexistent.key }]"));
+        assert_eq!(e.key, "tls.sni[0].cert");
+        assert!(e.problem.contains("cannot read `/nonexistent.pem`"), "{e}");
+        for bad in ["*", "a..b", "-a.b", "a.*.b", "A.b", "a b"] {
+            assert!(check_sni_name(bad).is_err(), "{bad}");
+        }
+        for good in ["a", "api.example.com", "*.example.com", "x-1.y"] {
+            assert!(check_sni_name(good).is_ok(), "{good}");
+        }
     }
 
     #[test]
