@@ -54,6 +54,18 @@ struct Cli {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 30)]
     max_time: u64,
+    /// Resume the TLS session saved in this file (by `--session-out`).
+    #[arg(long)]
+    session_in: Option<std::path::PathBuf>,
+    /// Save the connection's TLS session to this file, to resume later.
+    #[arg(long)]
+    session_out: Option<std::path::PathBuf>,
+    /// With `--session-in`: send the request(s) as 0-RTT early data when the session allows.
+    #[arg(long, requires = "session_in")]
+    early_data: bool,
+    /// Send no SNI (the server answers with its default certificate).
+    #[arg(long)]
+    no_sni: bool,
 }
 
 fn main() -> ExitCode {
@@ -100,11 +112,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ca_file: cli.cacert,
         timeout: Duration::from_secs(cli.max_time),
         keep_body: if cli.summary { 0 } else { usize::MAX },
+        sni: !cli.no_sni,
+        session: cli.session_in.as_ref().map(std::fs::read).transpose()?,
     };
-    let mut client = Client::connect(addr, opts)?;
     let started = std::time::Instant::now();
-    let responses = client.run(vec![req; cli.count])?;
+    let (mut client, responses) = if cli.early_data {
+        Client::connect_early(addr, opts, vec![req; cli.count])?
+    } else {
+        let mut client = Client::connect(addr, opts)?;
+        let responses = client.run(vec![req; cli.count])?;
+        (client, responses)
+    };
     let elapsed = started.elapsed();
+    if cli.session_in.is_some() {
+        eprintln!("resumed: {}, early data: {:?}", client.is_resumed(), client.early_data());
+    }
+    if let Some(path) = &cli.session_out {
+        std::fs::write(path, client.wait_session()?)?;
+    }
     client.close();
     let mut out = std::io::stdout().lock();
     let mut ok = true;

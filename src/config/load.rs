@@ -1,6 +1,7 @@
 //! Loading and validating a configuration file as a whole.
 
 use super::schema::*;
+use std::collections::HashMap;
 use std::fmt;
 use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
@@ -255,32 +256,85 @@ fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
 }
 
 fn validate_tls(tls: &mut Tls, base: &Path) -> Result<(), Invalid> {
+    let rotation = tls.ticket_key_rotation.0;
+    if !(Duration::from_secs(1)..=Duration::from_secs(7 * 86_400)).contains(&rotation) {
+        return Err(bad(
+            "tls.ticket_key_rotation",
+            "must be between 1s and 7d (a TLS 1.3 ticket lives at most 7 days, RFC 8446 §4.6.1)",
+        ));
+    }
+    validate_default_cert(tls, base)?;
+    // Explicit names must be unique; names taken from certificates are checked when the
+    // certificates are read (edge::tls).
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, entry) in tls.sni.iter_mut().enumerate() {
+        let key = format!("tls.sni[{i}]");
+        entry.cert = read_pem(&format!("{key}.cert"), base.join(&entry.cert), "CERTIFICATE-----")?;
+        entry.key = read_pem(&format!("{key}.key"), base.join(&entry.key), "PRIVATE KEY-----")?;
+        let Some(names) = entry.names.as_mut() else { continue };
+        if names.is_empty() {
+            return Err(bad(
+                format!("{key}.names"),
+                "list at least one name, or leave `names` out to use the certificate's DNS names",
+            ));
+        }
+        for (j, name) in names.iter().enumerate() {
+            if let Err(problem) = check_sni_name(name) {
+                return Err(bad(format!("{key}.names[{j}]"), problem));
+            }
+            if let Some(first) = seen.insert(name.clone(), i) {
+                return Err(bad(
+                    format!("{key}.names[{j}]"),
+                    format!("`{name}` is already listed in tls.sni[{first}]"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_default_cert(tls: &mut Tls, base: &Path) -> Result<(), Invalid> {
     match (&tls.cert, &tls.key, &tls.self_signed) {
-        (Some(_), Some(_), None) => {}
+        (Some(cert), Some(key), None) => {
+            tls.cert = Some(read_pem("tls.cert", base.join(cert), "CERTIFICATE-----")?);
+            tls.key = Some(read_pem("tls.key", base.join(key), "PRIVATE KEY-----")?);
+            Ok(())
+        }
         (None, None, Some(names)) => {
             if names.is_empty() || names.iter().any(|n| n.is_empty()) {
                 return Err(bad("tls.self_signed", "list at least one non-empty name"));
             }
-            return Ok(());
+            Ok(())
         }
-        (_, _, Some(_)) => return Err(bad("tls", "set either `cert` and `key`, or `self_signed`, not both")),
-        (Some(_), None, None) => return Err(bad("tls.key", "`cert` is set but `key` is missing")),
-        (None, Some(_), None) => return Err(bad("tls.cert", "`key` is set but `cert` is missing")),
-        (None, None, None) => return Err(bad("tls", "set `cert` and `key` (PEM files), or `self_signed: [names]`")),
+        (_, _, Some(_)) => Err(bad("tls", "set either `cert` and `key`, or `self_signed`, not both")),
+        (Some(_), None, None) => Err(bad("tls.key", "`cert` is set but `key` is missing")),
+        (None, Some(_), None) => Err(bad("tls.cert", "`key` is set but `cert` is missing")),
+        (None, None, None) => Err(bad("tls", "set `cert` and `key` (PEM files), or `self_signed: [names]`")),
     }
-    for (key, slot, marker) in
-        [("tls.cert", &mut tls.cert, "CERTIFICATE-----"), ("tls.key", &mut tls.key, "PRIVATE KEY-----")]
-    {
-        let path: PathBuf = base.join(slot.as_ref().expect("checked above"));
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| bad(key, format!("cannot read `{}`: {e}", path.display())))?;
-        if !text.contains(marker) {
-            return Err(bad(
-                key,
-                format!("`{}` holds no PEM `{}` block", path.display(), marker.trim_end_matches('-')),
-            ));
-        }
-        *slot = Some(path);
+}
+
+/// Checks that `path` is readable and holds a PEM block ending in `marker`; returns the path.
+fn read_pem(key: &str, path: PathBuf, marker: &str) -> Result<PathBuf, Invalid> {
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| bad(key, format!("cannot read `{}`: {e}", path.display())))?;
+    if !text.contains(marker) {
+        return Err(bad(key, format!("`{}` holds no PEM `{}` block", path.display(), marker.trim_end_matches('-'))));
+    }
+    Ok(path)
+}
+
+/// An SNI name: a lower-case DNS name, or `*.` followed by one.
+fn check_sni_name(name: &str) -> Result<(), String> {
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(format!("`{name}` is not a lower-case DNS name or `*.suffix`"));
     }
     Ok(())
 }
@@ -403,6 +457,26 @@ routes:
         assert_eq!(c.upstreams["demo"].backends[0].addr, "127.0.0.1:8081".parse().unwrap());
         assert_eq!(c.routes[0].path_prefix, "/");
         assert_eq!(c.quic.max_concurrent_streams, 256);
+        assert_eq!(c.tls.ticket_key_rotation.0, Duration::from_secs(3600));
+        assert!(c.tls.sni.is_empty());
+    }
+
+    #[test]
+    fn sni_names_and_ticket_rotation_are_checked() {
+        let tls = |extra: &str| {
+            GOOD.replace("tls: { self_signed: [localhost] }", &format!("tls:\n  self_signed: [localhost]\n{extra}"))
+        };
+        let e = err(&tls("  ticket_key_rotation: 8d"));
+        assert_eq!(e.key, "tls.ticket_key_rotation");
+        let e = err(&tls("  sni: [{ cert: /nonexistent.pem, key: /nonexistent.key }]"));
+        assert_eq!(e.key, "tls.sni[0].cert");
+        assert!(e.problem.contains("cannot read `/nonexistent.pem`"), "{e}");
+        for bad in ["*", "a..b", "-a.b", "a.*.b", "A.b", "a b"] {
+            assert!(check_sni_name(bad).is_err(), "{bad}");
+        }
+        for good in ["a", "api.example.com", "*.example.com", "x-1.y"] {
+            assert!(check_sni_name(good).is_ok(), "{good}");
+        }
     }
 
     #[test]

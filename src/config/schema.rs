@@ -105,9 +105,10 @@ impl Workers {
     }
 }
 
-/// Server certificate: PEM files, or a self-signed certificate generated at start (for demos and
-/// tests only; clients must skip verification).
-#[derive(Debug, Clone, Deserialize, Default)]
+/// Server certificates and session resumption. The default certificate is PEM files, or a
+/// self-signed certificate generated at start (for demos and tests only; clients must skip
+/// verification); `sni` adds certificates chosen by the name the client asks for.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     /// PEM certificate chain, leaf first. Relative paths are relative to the config file.
@@ -116,6 +117,44 @@ pub struct Tls {
     pub key: Option<PathBuf>,
     /// Generate a self-signed certificate for these names instead of reading files.
     pub self_signed: Option<Vec<String>>,
+    /// More certificates, each served to clients whose SNI matches one of its names; the
+    /// default certificate answers when SNI is absent or matches none.
+    #[serde(default)]
+    pub sni: Vec<SniCert>,
+    /// How long a session-ticket key encrypts new tickets; it keeps opening them for one more
+    /// period, so a ticket is honoured for at least this long (its advertised lifetime).
+    #[serde(default = "default_ticket_key_rotation")]
+    pub ticket_key_rotation: Seconds,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            cert: None,
+            key: None,
+            self_signed: None,
+            sni: Vec::new(),
+            ticket_key_rotation: default_ticket_key_rotation(),
+        }
+    }
+}
+
+fn default_ticket_key_rotation() -> Seconds {
+    Seconds(Duration::from_secs(3600))
+}
+
+/// A certificate chosen by SNI.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCert {
+    /// Exact names (`api.example.com`) and wildcards (`*.example.com`, any depth below the
+    /// suffix) this certificate answers; absent: the certificate's DNS subject-alternative names.
+    #[serde(default)]
+    pub names: Option<Vec<String>>,
+    /// PEM certificate chain, leaf first. Relative paths are relative to the config file.
+    pub cert: PathBuf,
+    /// PEM private key (ECDSA, RSA or Ed25519).
+    pub key: PathBuf,
 }
 
 /// QUIC transport limits advertised to clients.

@@ -53,7 +53,7 @@ impl Snapshot {
             Source::Embedded => (config::DEFAULT_CONFIG_YAML.to_string(), source.describe(), PathBuf::from(".")),
         };
         let config = config::parse(&text, &name, &base).map_err(|e| e.to_string())?;
-        let tls = TlsMaterial::load(&config).map_err(|e| format!("{name}: `tls`: {e:#}"))?;
+        let tls = TlsMaterial::load(&config).map_err(|e| format!("{name}: {e}"))?;
         for (pool, u) in &config.upstreams {
             if let Some(t) = &u.tls {
                 TlsUpstream::new(t).map_err(|e| format!("{name}: `upstreams.{pool}.tls`: {e:#}"))?;
@@ -62,11 +62,10 @@ impl Snapshot {
         let hash = hex::encode(&Sha256::digest(text.as_bytes())[..8]);
         let mut fp = Sha256::new();
         fp.update(text.as_bytes());
-        if config.tls.self_signed.is_none() {
-            // Files may change under an unchanged config: they count. (A self-signed
-            // certificate is new on every load and is not worth a reload by itself.)
-            fp.update(&tls.chain_pem);
-            fp.update(&tls.key_pem);
+        // Files may change under an unchanged config: they count. (A self-signed certificate
+        // is new on every load and is not worth a reload by itself.)
+        for file in tls.files() {
+            fp.update(file);
         }
         Ok(Snapshot {
             version,

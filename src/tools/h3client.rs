@@ -17,6 +17,10 @@ use std::time::{Duration, Instant};
 pub struct Options {
     /// TLS server name (SNI) and default `:authority`.
     pub server_name: String,
+    /// Send `server_name` as SNI (the default); false sends no SNI at all.
+    pub sni: bool,
+    /// A session saved from an earlier connection ([`Client::session`]): resume it.
+    pub session: Option<Vec<u8>>,
     /// Verify the server certificate (against the system store or `ca_file`).
     pub verify: bool,
     pub ca_file: Option<String>,
@@ -30,6 +34,8 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             server_name: "localhost".into(),
+            sni: true,
+            session: None,
             verify: false,
             ca_file: None,
             timeout: Duration::from_secs(30),
@@ -134,6 +140,18 @@ pub enum Error {
     Closed(String),
 }
 
+/// What happened to 0-RTT on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EarlyData {
+    /// Not offered: no session, a session without early data, or plain [`Client::connect`].
+    NotOffered,
+    /// Sent, and the server accepted it.
+    Accepted,
+    /// Sent, and the server refused it (BoringSSL's `ssl_early_data_reason_t`): the requests
+    /// went again after the handshake.
+    Rejected(u32),
+}
+
 /// One HTTP/3 connection.
 pub struct Client {
     sock: UdpSocket,
@@ -143,6 +161,8 @@ pub struct Client {
     opts: Options,
     buf: Vec<u8>,
     out: Vec<u8>,
+    /// Whether requests were sent as 0-RTT.
+    early_sent: bool,
 }
 
 struct Active {
@@ -157,45 +177,78 @@ struct Active {
 }
 
 impl Client {
-    /// Connects to `peer` and completes the handshake.
+    /// Connects to `peer` and completes the handshake (resuming `opts.session` if set).
     pub fn connect(peer: SocketAddr, opts: Options) -> Result<Self, Error> {
-        let bind: SocketAddr = if peer.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal");
-        let sock = UdpSocket::bind(bind)?;
-        sock.connect(peer)?;
-        sock.set_nonblocking(true)?;
-        let local = sock.local_addr()?;
-        let mut config = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
-        config.set_application_protos(h3::APPLICATION_PROTOCOL)?;
-        config.verify_peer(opts.verify);
-        if let Some(ca) = &opts.ca_file {
-            config.load_verify_locations_from_file(ca)?;
-        }
-        config.set_max_idle_timeout(30_000);
-        config.set_max_recv_udp_payload_size(1350);
-        config.set_max_send_udp_payload_size(1350);
-        config.set_initial_max_data(32 << 20);
-        config.set_initial_max_stream_data_bidi_local(8 << 20);
-        config.set_initial_max_stream_data_bidi_remote(8 << 20);
-        config.set_initial_max_stream_data_uni(1 << 20);
-        config.set_initial_max_streams_bidi(100);
-        config.set_initial_max_streams_uni(8);
-        config.set_disable_active_migration(true);
-        let mut scid = [0u8; quiche::MAX_CONN_ID_LEN];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut scid).expect("OS randomness");
-        let scid = quiche::ConnectionId::from_ref(&scid);
-        let conn = quiche::connect(Some(&opts.server_name), &scid, local, peer, &mut config)?;
-        let mut this = ClientHandshake { sock, conn, local, buf: vec![0; 65_535], out: vec![0; 65_535] };
-        let deadline = Instant::now() + opts.timeout;
-        while !this.conn.is_established() {
-            this.flush()?;
-            if this.conn.is_closed() {
-                return Err(Error::Closed(close_reason(&this.conn)));
+        let mut hs = ClientHandshake::start(peer, &opts, false)?;
+        hs.flush()?;
+        hs.establish(opts)
+    }
+
+    /// Connects resuming `opts.session` and sends `requests` as 0-RTT early data, right after
+    /// the first flight, when the session allows it; otherwise (no session, no early data in
+    /// its ticket) they go once the handshake completes. Returns the connection and the
+    /// responses in order; [`Client::early_data`] tells which way it went.
+    pub fn connect_early(
+        peer: SocketAddr,
+        opts: Options,
+        requests: Vec<Request>,
+    ) -> Result<(Self, Vec<Response>), Error> {
+        let mut hs = ClientHandshake::start(peer, &opts, true)?;
+        // The ClientHello goes first; after it the client knows whether it may send early data.
+        hs.flush()?;
+        let mut client = if hs.conn.is_in_early_data() {
+            let mut client = hs.into_client(opts)?;
+            client.early_sent = true;
+            client
+        } else {
+            hs.establish(opts)?
+        };
+        let responses = client.run(requests)?;
+        let deadline = Instant::now() + client.opts.timeout;
+        while !client.conn.is_established() {
+            client.flush_conn()?;
+            if client.conn.is_closed() {
+                return Err(Error::Closed(close_reason(&client.conn)));
             }
-            this.receive(deadline, opts.timeout)?;
+            client.receive_conn(deadline)?;
         }
-        let h3 = h3::Connection::with_transport(&mut this.conn, &h3::Config::new()?)?;
-        let ClientHandshake { sock, conn, local, buf, out } = this;
-        Ok(Client { sock, conn, h3, local, opts, buf, out })
+        Ok((client, responses))
+    }
+
+    /// Whether this connection resumed a session (no full handshake).
+    pub fn is_resumed(&self) -> bool {
+        self.conn.is_resumed()
+    }
+
+    /// The fate of 0-RTT on this connection (meaningful once the handshake is complete).
+    pub fn early_data(&self) -> EarlyData {
+        match self.conn.early_data_reason() {
+            _ if !self.early_sent => EarlyData::NotOffered,
+            // ssl_early_data_accepted
+            2 => EarlyData::Accepted,
+            reason => EarlyData::Rejected(reason),
+        }
+    }
+
+    /// The latest session the server gave this connection (its NewSessionTicket arrives just
+    /// after the handshake), to resume with through [`Options::session`].
+    pub fn session(&self) -> Option<Vec<u8>> {
+        self.conn.session().map(<[u8]>::to_vec)
+    }
+
+    /// Like [`Client::session`], waiting (up to the client's timeout) for the ticket to arrive.
+    pub fn wait_session(&mut self) -> Result<Vec<u8>, Error> {
+        let deadline = Instant::now() + self.opts.timeout;
+        loop {
+            if let Some(s) = self.session() {
+                return Ok(s);
+            }
+            self.flush_conn()?;
+            if self.conn.is_closed() {
+                return Err(Error::Closed(close_reason(&self.conn)));
+            }
+            self.receive_conn(deadline)?;
+        }
     }
 
     /// Sends one request and waits for its response.
@@ -429,6 +482,63 @@ struct ClientHandshake {
 }
 
 impl ClientHandshake {
+    /// A connection to `peer` with nothing sent yet.
+    fn start(peer: SocketAddr, opts: &Options, early_data: bool) -> Result<Self, Error> {
+        let bind: SocketAddr = if peer.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal");
+        let sock = UdpSocket::bind(bind)?;
+        sock.connect(peer)?;
+        sock.set_nonblocking(true)?;
+        let local = sock.local_addr()?;
+        let mut config = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
+        config.set_application_protos(h3::APPLICATION_PROTOCOL)?;
+        config.verify_peer(opts.verify);
+        if let Some(ca) = &opts.ca_file {
+            config.load_verify_locations_from_file(ca)?;
+        }
+        config.set_max_idle_timeout(30_000);
+        config.set_max_recv_udp_payload_size(1350);
+        config.set_max_send_udp_payload_size(1350);
+        config.set_initial_max_data(32 << 20);
+        config.set_initial_max_stream_data_bidi_local(8 << 20);
+        config.set_initial_max_stream_data_bidi_remote(8 << 20);
+        config.set_initial_max_stream_data_uni(1 << 20);
+        config.set_initial_max_streams_bidi(100);
+        config.set_initial_max_streams_uni(8);
+        config.set_disable_active_migration(true);
+        if early_data {
+            config.enable_early_data();
+        }
+        let mut scid = [0u8; quiche::MAX_CONN_ID_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut scid).expect("OS randomness");
+        let scid = quiche::ConnectionId::from_ref(&scid);
+        let sni = opts.sni.then_some(opts.server_name.as_str());
+        let mut conn = quiche::connect(sni, &scid, local, peer, &mut config)?;
+        if let Some(session) = &opts.session {
+            conn.set_session(session)?;
+        }
+        Ok(ClientHandshake { sock, conn, local, buf: vec![0; 65_535], out: vec![0; 65_535] })
+    }
+
+    /// Completes the handshake and sets up HTTP/3.
+    fn establish(mut self, opts: Options) -> Result<Client, Error> {
+        let deadline = Instant::now() + opts.timeout;
+        while !self.conn.is_established() {
+            self.flush()?;
+            if self.conn.is_closed() {
+                return Err(Error::Closed(close_reason(&self.conn)));
+            }
+            self.receive(deadline, opts.timeout)?;
+        }
+        self.into_client(opts)
+    }
+
+    /// HTTP/3 on the connection (established, or in early data).
+    fn into_client(mut self, opts: Options) -> Result<Client, Error> {
+        let h3 = h3::Connection::with_transport(&mut self.conn, &h3::Config::new()?)?;
+        let ClientHandshake { sock, conn, local, buf, out } = self;
+        Ok(Client { sock, conn, h3, local, opts, buf, out, early_sent: false })
+    }
+
     fn flush(&mut self) -> Result<(), Error> {
         flush(&mut self.conn, &self.sock, &mut self.out)
     }

@@ -15,4 +15,5 @@ mod large_transfers;
 mod load;
 mod malformed;
 mod resilience;
+mod tls;
 mod upstream_pool;
