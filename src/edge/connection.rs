@@ -291,9 +291,20 @@ impl Connection {
         let exchange = Exchange::new(key, ctx.notifier.clone());
         let content_length = head.content_length;
         let mut route = ctx.unrouted_metrics.clone();
+        // A request in 0-RTT data can be replayed by an attacker (RFC 8470): only safe
+        // methods are forwarded, marked so the backend can still say 425 itself.
+        let early = self.quic.is_in_early_data();
+        if early {
+            ctx.metrics.early_data_requests.increment(1);
+        }
         if head.method == http::Method::CONNECT {
             exchange.borrow_mut().respond_locally(http::StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
+        } else if early && !head.method.is_safe() {
+            exchange.borrow_mut().respond_locally(http::StatusCode::TOO_EARLY, "retry after the handshake");
         } else {
+            if early {
+                head.headers.insert("early-data", http::HeaderValue::from_static("1"));
+            }
             let view = RequestView {
                 authority: &head.authority,
                 path: &head.path,

@@ -13,7 +13,7 @@
 //! | `spooky_packets_forwarded_total` | counter | worker — strays handed to the owning worker |
 //! | `spooky_stateless_resets_sent_total`, `spooky_retries_sent_total`, `spooky_version_negotiations_total` | counter | worker |
 //! | `spooky_connections_refused_total` | counter | worker, reason (`connection_limit`, `rate_limit`) |
-//! | `spooky_connection_migrations_total` | counter | worker |
+//! | `spooky_connection_migrations_total`, `spooky_early_data_requests_total` | counter | worker |
 //! | `spooky_malformed_requests_total` | counter | worker |
 //! | `spooky_quic_rtt_seconds`, `spooky_quic_cwnd_bytes` | histogram | sampled from quiche when a connection closes |
 //! | `spooky_quic_packets_lost_total`, `spooky_quic_packets_retransmitted_total` | counter | worker |
@@ -94,6 +94,8 @@ pub struct WorkerMetrics {
     pub version_negotiations: Counter,
     /// Connections that moved to a new client address or port (migration, NAT rebinding).
     pub migrations: Counter,
+    /// Requests that arrived in 0-RTT early data.
+    pub early_data_requests: Counter,
     refused: [Counter; 2],
     dropped: [Counter; 7],
 }
@@ -119,6 +121,7 @@ impl WorkerMetrics {
             retries_sent: metrics::counter!("spooky_retries_sent_total", &l()),
             version_negotiations: metrics::counter!("spooky_version_negotiations_total", &l()),
             migrations: metrics::counter!("spooky_connection_migrations_total", &l()),
+            early_data_requests: metrics::counter!("spooky_early_data_requests_total", &l()),
             refused: REFUSALS
                 .map(|r| metrics::counter!("spooky_connections_refused_total", "worker" => w.clone(), "reason" => r)),
             dropped: DROP_REASONS

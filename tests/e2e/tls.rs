@@ -11,7 +11,7 @@ use boring::pkey::{Id, PKey, Private};
 use boring::rsa::Rsa;
 use boring::x509::extension::SubjectAlternativeName;
 use boring::x509::{X509Builder, X509NameBuilder, X509};
-use spooky::tools::h3client::{Client, EarlyData, Options, Request};
+use spooky::tools::h3client::{Body, Client, EarlyData, Options, Request};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -211,7 +211,7 @@ fn a_reload_keeps_tickets_valid() {
 }
 
 #[test]
-fn early_data_requests_complete_whether_or_not_the_server_takes_them() {
+fn early_data_is_off_unless_configured() {
     let backend = Backend::start("a");
     let spooky = Spooky::start(&config(&backend, ""));
     let mut first = spooky.client_with(opts("localhost"));
@@ -222,8 +222,7 @@ fn early_data_requests_complete_whether_or_not_the_server_takes_them() {
         Client::connect_early(spooky.addr, Options { session: Some(session), ..opts("localhost") }, requests).unwrap();
     assert_eq!(responses.iter().map(|r| (r.status, r.body_len)).collect::<Vec<_>>(), vec![(200, 100), (200, 7)]);
     assert!(client.is_resumed());
-    // Spooky's QUIC configuration does not enable early data yet (`quic.early_data`), so its
-    // tickets carry no 0-RTT allowance and the client does not offer any.
+    // Without `quic.early_data` the tickets carry no 0-RTT allowance: nothing is offered.
     assert_eq!(client.early_data(), EarlyData::NotOffered);
 
     // Without a session there is nothing to resume and nothing early.
@@ -232,4 +231,35 @@ fn early_data_requests_complete_whether_or_not_the_server_takes_them() {
     assert_eq!(responses[0].body_len, 3);
     assert!(!client.is_resumed());
     assert_eq!(client.early_data(), EarlyData::NotOffered);
+}
+
+#[test]
+fn early_data_forwards_safe_methods_marked_and_answers_others_425() {
+    let backend = Backend::start("a");
+    let spooky = Spooky::start(&config(&backend, "quic: { early_data: true }"));
+    let mut first = spooky.client_with(opts("localhost"));
+    let session = first.wait_session().unwrap();
+    first.close();
+    let requests = vec![
+        Request::get("/headers"),
+        Request::post("/echo", Body::Bytes(bytes::Bytes::from_static(b"not twice"))),
+        Request::get("/bytes/7"),
+    ];
+    let early_opts = Options { session: Some(session.clone()), ..opts("localhost") };
+    let (client, responses) = Client::connect_early(spooky.addr, early_opts, requests).unwrap();
+    assert!(client.is_resumed());
+    assert_eq!(client.early_data(), EarlyData::Accepted);
+    // RFC 8470: the GET went upstream in early data, marked so the backend may refuse it too.
+    assert_eq!(responses[0].status, 200);
+    assert!(responses[0].text().contains("early-data: 1"), "{}", responses[0].text());
+    // A POST could be replayed by whoever captured the 0-RTT flight: 425, never forwarded.
+    assert_eq!(responses[1].status, 425);
+    assert_eq!((responses[2].status, responses[2].body_len), (200, 7));
+    assert_eq!(metric_sum(&spooky.metrics(), "spooky_early_data_requests_total", &[]), 3.0);
+
+    // After the handshake the same POST goes through, and nothing is marked early.
+    let mut late = spooky.client_with(Options { session: Some(session), ..opts("localhost") });
+    let r = late.request(Request::post("/echo", Body::Bytes(bytes::Bytes::from_static(b"now")))).unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "now"));
+    assert!(!late.request(Request::get("/headers")).unwrap().text().contains("early-data"));
 }
