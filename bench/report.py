@@ -144,30 +144,40 @@ def bulk(res):
     return out + [""]
 
 
-def gso(res):
-    on, off = res.get("download", "spooky"), res.get("download-nogso", "spooky")
-    if not on or not off:
-        return []
+def offloads(res):
+    """UDP GSO on vs off (download) and UDP GRO on vs off (upload), Spooky only, same run."""
+    pairs = [
+        ("download", "download-nogso", "GSO", "one `sendmsg` per datagram", "quiche's server reports 2.4× throughput from GSO"),
+        ("upload", "upload-nogro", "GRO", "one `recvmsg` per datagram", "the load generator sends in GSO runs, as a NIC would deliver trains"),
+    ]
+    out = []
 
     def row(name, r):
         cpu = res.proxy_cpu(r)
         per_gib = cpu * GIB / (r["bytes_down"] + r["bytes_up"]) if cpu is not None else None
         return f"| {name} | {fmt(r['mib_per_s'], 1)} | {fmt(per_gib, 2)} |", per_gib
 
-    row_on, cpu_on = row("GSO on", on)
-    row_off, cpu_off = row("GSO off (one `sendto` per datagram)", off)
-    return [
-        "### 3b. UDP GSO on vs off (the bulk download through Spooky)",
-        "",
-        "| Spooky | MiB/s | proxy CPU-s/GiB |",
-        "|---|---|---|",
-        row_on,
-        row_off,
-        "",
-        f"GSO / no GSO: throughput {ratio(on['mib_per_s'], off['mib_per_s'])}, "
-        f"CPU per GiB {ratio(cpu_on, cpu_off)} (quiche's server reports 2.4× throughput from GSO).",
-        "",
-    ]
+    for on_name, off_name, what, off_label, note in pairs:
+        on, off = res.get(on_name, "spooky"), res.get(off_name, "spooky")
+        if not on or not off:
+            continue
+        row_on, cpu_on = row(f"{what} on", on)
+        row_off, cpu_off = row(f"{what} off ({off_label})", off)
+        if not out:
+            out += ["### 3b. UDP segmentation offloads on vs off (bulk transfers through Spooky)", ""]
+        out += [
+            f"**{what}, bulk {on_name}**",
+            "",
+            "| Spooky | MiB/s | proxy CPU-s/GiB |",
+            "|---|---|---|",
+            row_on,
+            row_off,
+            "",
+            f"{what} / no {what}: throughput {ratio(on['mib_per_s'], off['mib_per_s'])}, "
+            f"CPU per GiB {ratio(cpu_on, cpu_off)} ({note}).",
+            "",
+        ]
+    return out
 
 
 def newconn(res):
@@ -320,7 +330,7 @@ def targets(res):
 
 def render(res):
     lines = header(res.meta) + targets(res)
-    for section in (small, latency, bulk, gso, newconn, idle, scaling, algorithms):
+    for section in (small, latency, bulk, offloads, newconn, idle, scaling, algorithms):
         lines += section(res)
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@
 //! timer fires, `flush` after anything changed.
 
 use quiche::h3::{self, NameValue};
+use spooky::edge::socket::{send_gso, GSO_MAX_SEGMENTS};
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -45,7 +46,12 @@ pub struct Conn {
     pub armed: Option<Instant>,
     /// Set when the connection needs a flush this turn.
     pub touched: bool,
+    /// Send with UDP GSO (cleared if the kernel refuses).
+    gso: bool,
 }
+
+/// Largest datagram sent (`max_send_udp_payload_size`).
+const MAX_DATAGRAM: usize = 1350;
 
 /// Builds the client QUIC configuration shared by a thread's connections.
 pub fn client_config(idle_timeout_ms: u64) -> quiche::Result<quiche::Config> {
@@ -53,8 +59,8 @@ pub fn client_config(idle_timeout_ms: u64) -> quiche::Result<quiche::Config> {
     c.set_application_protos(h3::APPLICATION_PROTOCOL)?;
     c.verify_peer(false);
     c.set_max_idle_timeout(idle_timeout_ms);
-    c.set_max_recv_udp_payload_size(1350);
-    c.set_max_send_udp_payload_size(1350);
+    c.set_max_recv_udp_payload_size(MAX_DATAGRAM);
+    c.set_max_send_udp_payload_size(MAX_DATAGRAM);
     c.set_initial_max_data(64 << 20);
     c.set_initial_max_stream_data_bidi_local(16 << 20);
     c.set_initial_max_stream_data_bidi_remote(16 << 20);
@@ -116,6 +122,7 @@ impl Conn {
             opened: Instant::now(),
             armed: None,
             touched: true,
+            gso: true,
         })
     }
 
@@ -204,16 +211,55 @@ impl Conn {
         self.quic.timeout_instant()
     }
 
-    /// Sends everything quiche has queued.
+    /// Sends everything quiche has queued, in UDP GSO runs of equal-size datagrams (so a
+    /// receiver with UDP GRO gets them as one train, as from a real client's NIC).
     pub fn flush(&mut self, out: &mut [u8]) {
         self.touched = false;
+        let (mut len, mut segment, mut count) = (0, 0, 0);
         loop {
-            let n = match self.quic.send(out) {
+            if len + MAX_DATAGRAM > out.len() || count == GSO_MAX_SEGMENTS {
+                self.send_run(&out[..len], segment);
+                (len, segment, count) = (0, 0, 0);
+            }
+            let n = match self.quic.send(&mut out[len..len + MAX_DATAGRAM]) {
                 Ok((n, _)) => n,
-                Err(_) => return,
+                Err(_) => break,
             };
-            // A full socket buffer drops the datagram; QUIC loss recovery resends it.
-            let _ = self.sock.send(&out[..n]);
+            if count > 0 && n > segment {
+                // Larger than the run's segments: send the run, start a new one with this.
+                self.send_run(&out[..len], segment);
+                out.copy_within(len..len + n, 0);
+                (len, count) = (0, 0);
+            }
+            if count == 0 {
+                segment = n;
+            }
+            len += n;
+            count += 1;
+            if n < segment {
+                // A short datagram can only end a run.
+                self.send_run(&out[..len], segment);
+                (len, segment, count) = (0, 0, 0);
+            }
+        }
+        self.send_run(&out[..len], segment);
+    }
+
+    /// One GSO send of `run` (datagrams of `segment` bytes), or plain sends if GSO fails. A
+    /// full socket buffer drops datagrams; QUIC loss recovery resends them.
+    fn send_run(&mut self, run: &[u8], segment: usize) {
+        if run.is_empty() {
+            return;
+        }
+        if run.len() > segment && self.gso {
+            match send_gso(&self.sock, run, segment, self.peer) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => self.gso = false, // the kernel cannot segment: plain sends from now on
+            }
+        }
+        for datagram in run.chunks(segment) {
+            let _ = self.sock.send(datagram);
         }
     }
 

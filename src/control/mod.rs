@@ -298,8 +298,8 @@ fn run_worker(
     }
     runtime.block_on(async move {
         let setup = || -> anyhow::Result<Worker> {
-            let gso = snap.config.quic.gso;
-            let sockets = sockets.into_iter().map(|s| EdgeSocket::new(s, gso)).collect::<Result<Vec<_>, _>>()?;
+            let (gso, gro) = (snap.config.quic.gso, snap.config.quic.gro);
+            let sockets = sockets.into_iter().map(|s| EdgeSocket::new(s, gso, gro)).collect::<Result<Vec<_>, _>>()?;
             let inbox = inbox.attach()?;
             let mesh = Mesh { peers, strays: strays.attach()? };
             let ctx = WorkerCtx::new(id, snap, logger, None)?;

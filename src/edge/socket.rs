@@ -18,6 +18,8 @@ pub struct EdgeSocket {
     ready: monoio::net::udp::UdpSocket,
     /// UDP GSO in use; cleared for good if the kernel refuses it.
     gso: Cell<bool>,
+    /// UDP GRO enabled on the socket: reads may return trains of datagrams.
+    gro: bool,
 }
 
 /// Binds one reuseport UDP socket on `addr` (call once per worker, in worker order).
@@ -37,10 +39,70 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 
 impl EdgeSocket {
     /// Wraps a bound socket; must run on the worker's runtime, which it registers with.
-    pub fn new(io: UdpSocket, gso: bool) -> std::io::Result<Self> {
+    /// With `gro`, asks the kernel to coalesce received datagrams (falls back if it refuses).
+    pub fn new(io: UdpSocket, gso: bool, gro: bool) -> std::io::Result<Self> {
         let local = io.local_addr()?;
         let ready = monoio::net::udp::UdpSocket::from_std(io.try_clone()?)?;
-        Ok(EdgeSocket { io, local, ready, gso: Cell::new(gso) })
+        let gro = gro
+            && {
+                let on: libc::c_int = 1;
+                // SAFETY: a valid int option for the duration of the call.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        io.as_raw_fd(),
+                        libc::SOL_UDP,
+                        libc::UDP_GRO,
+                        &on as *const libc::c_int as *const libc::c_void,
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if rc < 0 {
+                    tracing::warn!(error = %std::io::Error::last_os_error(), "UDP GRO refused by the kernel; reading datagrams one by one");
+                }
+                rc == 0
+            };
+        Ok(EdgeSocket { io, local, ready, gso: Cell::new(gso), gro })
+    }
+
+    /// Reads one datagram — or, with GRO, a train of datagrams from one sender that the
+    /// kernel coalesced — into `buf`: (bytes, sender, segment size). Every datagram of a train
+    /// is `segment` bytes except perhaps the last. Non-blocking.
+    pub fn recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, usize)> {
+        // SAFETY: sockaddr_storage and msghdr are plain data; every pointer placed in `msg`
+        // outlives the recvmsg call, and the control buffer is 8-byte aligned.
+        unsafe {
+            let mut storage = socket2::SockAddrStorage::zeroed();
+            let addr = storage.view_as::<libc::sockaddr_storage>();
+            let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+            let mut control = [0u64; 8];
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_name = addr as *mut libc::sockaddr_storage as *mut libc::c_void;
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            if self.gro {
+                msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+                msg.msg_controllen = std::mem::size_of_val(&control);
+            }
+            let n = libc::recvmsg(self.io.as_raw_fd(), &mut msg, 0);
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = n as usize;
+            let mut segment = n;
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
+                    let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int);
+                    segment = (size as usize).clamp(1, n.max(1));
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+            let from = SockAddr::new(storage, msg.msg_namelen)
+                .as_socket()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "sender is not an IP address"))?;
+            Ok((n, from, segment))
+        }
     }
 
     /// Sends `buf`, a run of datagrams of `segment` bytes each (the last may be shorter), to
@@ -88,8 +150,8 @@ impl EdgeSocket {
 }
 
 /// One `sendmsg` with a `UDP_SEGMENT` control message: the kernel splits `buf` into datagrams
-/// of `segment` bytes.
-fn send_gso(socket: &UdpSocket, buf: &[u8], segment: usize, to: SocketAddr) -> std::io::Result<()> {
+/// of `segment` bytes (the last may be shorter).
+pub fn send_gso(socket: &UdpSocket, buf: &[u8], segment: usize, to: SocketAddr) -> std::io::Result<()> {
     let addr = SockAddr::from(to);
     let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
     // SAFETY: CMSG_SPACE only computes a size.
