@@ -179,6 +179,10 @@ pub struct Quic {
     /// Receive with UDP GRO (the kernel hands over trains of datagrams in one read). Read at
     /// start.
     pub gro: bool,
+    /// Pace packets as quiche's congestion controller asks: each send carries its release
+    /// time (SO_TXTIME), enforced by an `fq` or `etf` qdisc on the egress device. Read at
+    /// start.
+    pub pacing: bool,
     /// This node's id in every connection ID it issues (CID bytes 1-2), so an L4 balancer in
     /// front of a fleet (QUIC-LB plaintext mode, Katran) routes on it. Read at start.
     pub server_id: u16,
@@ -230,6 +234,7 @@ impl Default for Quic {
             congestion_control: "cubic".into(),
             gso: true,
             gro: true,
+            pacing: true,
             server_id: 0,
             cid_rotation: 0,
             reuseport_bpf: true,

@@ -17,7 +17,7 @@ pub mod snapshot;
 mod watch;
 
 use crate::edge::keys::EdgeKeys;
-use crate::edge::socket::{bind_reuseport, EdgeSocket};
+use crate::edge::socket::{bind_reuseport, EdgeSocket, Offloads};
 use crate::edge::steering::{self, Stray};
 use crate::edge::worker::{Mesh, Worker, WorkerCtx};
 use crate::health::{active, HealthView};
@@ -298,8 +298,9 @@ fn run_worker(
     }
     runtime.block_on(async move {
         let setup = || -> anyhow::Result<Worker> {
-            let (gso, gro) = (snap.config.quic.gso, snap.config.quic.gro);
-            let sockets = sockets.into_iter().map(|s| EdgeSocket::new(s, gso, gro)).collect::<Result<Vec<_>, _>>()?;
+            let q = &snap.config.quic;
+            let offloads = Offloads { gso: q.gso, gro: q.gro, pacing: q.pacing };
+            let sockets = sockets.into_iter().map(|s| EdgeSocket::new(s, offloads)).collect::<Result<Vec<_>, _>>()?;
             let inbox = inbox.attach()?;
             let mesh = Mesh { peers, strays: strays.attach()? };
             let ctx = WorkerCtx::new(id, snap, logger, None)?;

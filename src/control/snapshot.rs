@@ -94,12 +94,12 @@ impl Snapshot {
         let (qa, qb) = (&a.quic, &b.quic);
         // Socket options, the CID layout and the keys of live connections' resets are fixed
         // for the life of the process.
-        if (qa.gso, qa.gro, qa.reuseport_bpf) != (qb.gso, qb.gro, qb.reuseport_bpf)
+        if (qa.gso, qa.gro, qa.pacing, qa.reuseport_bpf) != (qb.gso, qb.gro, qb.pacing, qb.reuseport_bpf)
             || (qa.server_id, qa.cid_rotation) != (qb.server_id, qb.cid_rotation)
             || qa.secret_key_file != qb.secret_key_file
         {
             return Some(
-                "`quic.gso`, `gro`, `reuseport_bpf`, `server_id`, `cid_rotation` or `secret_key_file` changed: \
+                "`quic.gso`, `gro`, `pacing`, `reuseport_bpf`, `server_id`, `cid_rotation` or `secret_key_file` changed: \
                  these need a restart"
                     .into(),
             );

@@ -31,6 +31,8 @@ pub fn quic_config(config: &Config, tls: &TlsMaterial) -> anyhow::Result<quiche:
     if q.early_data {
         c.enable_early_data();
     }
+    // quiche computes each packet's release time; the socket hands it to the qdisc.
+    c.enable_pacing(q.pacing);
     c.set_cc_algorithm_name(&q.congestion_control).map_err(|e| anyhow::anyhow!("congestion control: {e}"))?;
     Ok(c)
 }

@@ -1,14 +1,24 @@
 //! The worker's UDP sockets: bound with `SO_REUSEPORT` so every worker has its own socket on the
 //! same address, created in worker order at start-up and never closed while Spooky runs (the
 //! kernel's reuseport group index is the join order).
+//!
+//! The kernel's UDP offloads do the per-datagram work where it allows: GSO splits a run of
+//! equal-size datagrams on send, GRO hands over trains of datagrams on receive, and SO_TXTIME
+//! lets an `fq`/`etf` qdisc release paced packets at quiche's chosen time. Each is switched off
+//! by itself, with one log line, where the kernel refuses it.
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::cell::Cell;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 /// Most datagrams the kernel accepts in one GSO send (UDP_MAX_SEGMENTS).
 pub const GSO_MAX_SEGMENTS: usize = 64;
+/// `SO_TXTIME`, which is also the `SCM_TXTIME` control message type (asm-generic/socket.h).
+const SO_TXTIME: libc::c_int = 61;
+/// Release times closer than this are not worth a qdisc timer: sent at once.
+pub const PACING_SLACK: Duration = Duration::from_micros(250);
 
 /// A worker's socket: `io` for non-blocking syscalls, `ready` (same file, dup'ed) for awaiting
 /// readiness on the worker's runtime.
@@ -18,8 +28,10 @@ pub struct EdgeSocket {
     ready: monoio::net::udp::UdpSocket,
     /// UDP GSO in use; cleared for good if the kernel refuses it.
     gso: Cell<bool>,
-    /// UDP GRO enabled on the socket: reads may return trains of datagrams.
+    /// UDP GRO enabled: reads may return trains of datagrams.
     gro: bool,
+    /// SO_TXTIME enabled: sends carry their pacing release time.
+    txtime: bool,
 }
 
 /// Binds one reuseport UDP socket on `addr` (call once per worker, in worker order).
@@ -37,31 +49,24 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// Which offloads a socket should try.
+#[derive(Clone, Copy, Debug)]
+pub struct Offloads {
+    pub gso: bool,
+    pub gro: bool,
+    pub pacing: bool,
+}
+
 impl EdgeSocket {
     /// Wraps a bound socket; must run on the worker's runtime, which it registers with.
-    /// With `gro`, asks the kernel to coalesce received datagrams (falls back if it refuses).
-    pub fn new(io: UdpSocket, gso: bool, gro: bool) -> std::io::Result<Self> {
+    pub fn new(io: UdpSocket, want: Offloads) -> std::io::Result<Self> {
         let local = io.local_addr()?;
         let ready = monoio::net::udp::UdpSocket::from_std(io.try_clone()?)?;
-        let gro = gro
-            && {
-                let on: libc::c_int = 1;
-                // SAFETY: a valid int option for the duration of the call.
-                let rc = unsafe {
-                    libc::setsockopt(
-                        io.as_raw_fd(),
-                        libc::SOL_UDP,
-                        libc::UDP_GRO,
-                        &on as *const libc::c_int as *const libc::c_void,
-                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                    )
-                };
-                if rc < 0 {
-                    tracing::warn!(error = %std::io::Error::last_os_error(), "UDP GRO refused by the kernel; reading datagrams one by one");
-                }
-                rc == 0
-            };
-        Ok(EdgeSocket { io, local, ready, gso: Cell::new(gso), gro })
+        let on: libc::c_int = 1;
+        let gro = want.gro && enable(&io, libc::SOL_UDP, libc::UDP_GRO, &on, "UDP GRO");
+        let clock = libc::sock_txtime { clockid: libc::CLOCK_MONOTONIC, flags: 0 };
+        let txtime = want.pacing && enable(&io, libc::SOL_SOCKET, SO_TXTIME, &clock, "SO_TXTIME pacing");
+        Ok(EdgeSocket { io, local, ready, gso: Cell::new(want.gso), gro, txtime })
     }
 
     /// Reads one datagram — or, with GRO, a train of datagrams from one sender that the
@@ -106,25 +111,32 @@ impl EdgeSocket {
     }
 
     /// Sends `buf`, a run of datagrams of `segment` bytes each (the last may be shorter), to
-    /// `to`: with UDP GSO one system call for all of them, else one each.
-    pub async fn send_batch(&self, buf: &[u8], segment: usize, to: SocketAddr) -> std::io::Result<()> {
-        if buf.len() > segment && self.gso.get() {
+    /// `to`, to be released at `at` where the qdisc paces: with UDP GSO one system call for
+    /// the run, else one per datagram.
+    pub async fn send_batch(&self, buf: &[u8], segment: usize, to: SocketAddr, at: Instant) -> std::io::Result<()> {
+        let txtime = if self.txtime { release_time(at) } else { None };
+        let gso = buf.len() > segment && self.gso.get();
+        if !gso && txtime.is_none() {
+            for datagram in buf.chunks(segment) {
+                self.send_to(datagram, to).await?;
+            }
+            return Ok(());
+        }
+        let pieces = if gso { buf.len() } else { segment };
+        for piece in buf.chunks(pieces) {
             loop {
-                match send_gso(&self.io, buf, segment, to) {
-                    Ok(()) => return Ok(()),
+                match send_msg(&self.io, piece, gso.then_some(segment), txtime, to) {
+                    Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.writable().await?,
                     // EIO: the device cannot segment; EINVAL: the kernel has no UDP_SEGMENT.
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) => {
+                    Err(e) if gso && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) => {
                         tracing::warn!(error = %e, "UDP GSO refused by the kernel; sending datagrams one by one");
                         self.gso.set(false);
-                        break;
+                        return Box::pin(self.send_batch(buf, segment, to, at)).await;
                     }
                     Err(e) => return Err(e),
                 }
             }
-        }
-        for datagram in buf.chunks(segment) {
-            self.send_to(datagram, to).await?;
         }
         Ok(())
     }
@@ -149,16 +161,55 @@ impl EdgeSocket {
     }
 }
 
+/// Sets a socket option; false (with a warning naming `what`) if the kernel refuses it.
+fn enable<T>(socket: &UdpSocket, level: libc::c_int, name: libc::c_int, value: &T, what: &str) -> bool {
+    // SAFETY: `value` is a valid `T` for the duration of the call and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            value as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "{what} refused by the kernel; going without");
+    }
+    rc == 0
+}
+
+/// `at` on CLOCK_MONOTONIC in nanoseconds (what SO_TXTIME takes), if it is far enough ahead
+/// to be worth pacing.
+fn release_time(at: Instant) -> Option<u64> {
+    let now = Instant::now();
+    let wait = at.checked_duration_since(now).filter(|w| *w > PACING_SLACK)?;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec. Instant is CLOCK_MONOTONIC on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64 + wait.as_nanos() as u64)
+}
+
 /// One `sendmsg` with a `UDP_SEGMENT` control message: the kernel splits `buf` into datagrams
 /// of `segment` bytes (the last may be shorter).
 pub fn send_gso(socket: &UdpSocket, buf: &[u8], segment: usize, to: SocketAddr) -> std::io::Result<()> {
+    send_msg(socket, buf, Some(segment), None, to)
+}
+
+/// One `sendmsg` of `buf` to `to`, with a `UDP_SEGMENT` control message when `segment` is set
+/// and an `SCM_TXTIME` one when `txtime` is.
+fn send_msg(
+    socket: &UdpSocket,
+    buf: &[u8],
+    segment: Option<usize>,
+    txtime: Option<u64>,
+    to: SocketAddr,
+) -> std::io::Result<()> {
     let addr = SockAddr::from(to);
     let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
-    let mut control = [0u64; 4]; // 8-byte aligned, larger than `space`
-    debug_assert!(space <= std::mem::size_of_val(&control));
-    // SAFETY: msghdr is plain data; every pointer in it outlives the sendmsg call below.
+    let mut control = [0u64; 8]; // 8-byte aligned, room for both messages
+                                 // SAFETY: msghdr is plain data; every pointer in it outlives the sendmsg call below, and
+                                 // the control buffer is large enough for the messages written (CMSG_SPACE of 2 and 8).
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_name = addr.as_ptr() as *mut libc::c_void;
@@ -166,15 +217,58 @@ pub fn send_gso(socket: &UdpSocket, buf: &[u8], segment: usize, to: SocketAddr) 
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_UDP;
-        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment as u16);
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        let mut used = 0;
+        if let Some(segment) = segment {
+            (*cmsg).cmsg_level = libc::SOL_UDP;
+            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment as u16);
+            used += libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        if let Some(txtime) = txtime {
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = SO_TXTIME;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u64>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u64, txtime);
+            used += libc::CMSG_SPACE(std::mem::size_of::<u64>() as u32) as usize;
+        }
+        msg.msg_controllen = used;
+        if used == 0 {
+            msg.msg_control = std::ptr::null_mut();
+        }
         if libc::sendmsg(socket.as_raw_fd(), &msg, 0) < 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel accepts a GSO run with a release time, and the receiver gets every datagram
+    /// (loopback has no pacing qdisc, so the time is simply not enforced).
+    #[test]
+    fn gso_runs_with_release_times_arrive_whole() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let clock = libc::sock_txtime { clockid: libc::CLOCK_MONOTONIC, flags: 0 };
+        assert!(enable(&tx, libc::SOL_SOCKET, SO_TXTIME, &clock, "SO_TXTIME"));
+        let run: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let at = release_time(Instant::now() + Duration::from_millis(5)).expect("5 ms ahead is paced");
+        send_msg(&tx, &run, Some(300), Some(at), rx.local_addr().unwrap()).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2000];
+        for _ in 0..4 {
+            let n = rx.recv(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, run, "300 + 300 + 300 + 100 bytes, in order");
+        assert_eq!(release_time(Instant::now()), None, "now is not worth pacing");
+    }
 }

@@ -22,7 +22,7 @@ use super::cid::{self, CidGenerator, CID_LEN};
 use super::connection::Connection;
 use super::keys::{self, EdgeKeys};
 use super::settings;
-use super::socket::{EdgeSocket, GSO_MAX_SEGMENTS};
+use super::socket::{EdgeSocket, GSO_MAX_SEGMENTS, PACING_SLACK};
 use super::steering::Stray;
 use super::{refuse, retry};
 use crate::bridge::exchange::{Notifier, StreamKey};
@@ -531,7 +531,8 @@ impl Worker {
             let socket = &self.sockets[conn.socket];
             // Packets of one flush go out in GSO batches: runs of equal-size datagrams to the
             // same address (the last of a run may be shorter), written back to back in
-            // `send_buf` so the kernel can split them.
+            // `send_buf` so the kernel can split them. A run is released at its first packet's
+            // pacing time; a packet quiche wants sent notably later starts a new run.
             let max = self.max_datagram;
             let (mut len, mut segment, mut count, mut dest) = (0usize, 0usize, 0usize, None);
             let mut sent = 0u64;
@@ -544,7 +545,8 @@ impl Worker {
                 match conn.quic.send(&mut self.send_buf[len..len + max]) {
                     Ok((n, info)) => {
                         sent += 1;
-                        if count > 0 && (dest != Some(info.to) || n > segment) {
+                        let later = dest.is_some_and(|(_, at)| info.at > at + PACING_SLACK);
+                        if count > 0 && (dest.map(|(to, _)| to) != Some(info.to) || n > segment || later) {
                             // Does not fit the current run: send the run, restart with this one.
                             flush_batch(socket, &self.send_buf[..len], segment, dest).await;
                             self.send_buf.copy_within(len..len + n, 0);
@@ -552,7 +554,7 @@ impl Worker {
                         }
                         if count == 0 {
                             segment = n;
-                            dest = Some(info.to);
+                            dest = Some((info.to, info.at));
                         }
                         len += n;
                         count += 1;
@@ -640,10 +642,10 @@ impl Worker {
     }
 }
 
-/// Sends a run of datagrams (nothing when empty).
-async fn flush_batch(socket: &EdgeSocket, buf: &[u8], segment: usize, to: Option<SocketAddr>) {
-    let Some(to) = to.filter(|_| !buf.is_empty()) else { return };
-    if let Err(e) = socket.send_batch(buf, segment, to).await {
+/// Sends a run of datagrams to its destination at its release time (nothing when empty).
+async fn flush_batch(socket: &EdgeSocket, buf: &[u8], segment: usize, dest: Option<(SocketAddr, Instant)>) {
+    let Some((to, at)) = dest.filter(|_| !buf.is_empty()) else { return };
+    if let Err(e) = socket.send_batch(buf, segment, to, at).await {
         tracing::debug!(error = %e, %to, "UDP send failed");
     }
 }
