@@ -64,6 +64,14 @@ fn each_bad_config_is_refused_with_file_key_and_problem() {
             "quic:\n  congestion_control: vegas\ntimeouts:",
             &["`quic.congestion_control`", "unknown algorithm `vegas`"],
         ),
+        ("timeouts:", "quic:\n  retry: sometimes\ntimeouts:", &["`quic.retry`", "unknown variant `sometimes`"]),
+        ("timeouts:", "quic:\n  cid_rotation: 7\ntimeouts:", &["`quic.cid_rotation`", "must be 0..=6"]),
+        (
+            "timeouts:",
+            "quic:\n  secret_key_file: /nonexistent/quic.key\ntimeouts:",
+            &["`quic.secret_key_file`", "cannot read `/nonexistent/quic.key`"],
+        ),
+        ("timeouts:", "quic:\n  max_connections_per_worker: 0\ntimeouts:", &["`quic.max_connections_per_worker`"]),
         ("upstreams:", "upstreams: [", &["bad.yaml"]),
     ];
     for (from, to, expected) in cases {
