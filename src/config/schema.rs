@@ -263,6 +263,12 @@ pub struct Timeouts {
     pub idle: Seconds,
     /// On SIGTERM/SIGINT: how long in-flight requests may take to finish before connections close.
     pub drain: Seconds,
+    /// Slow request bodies (slowloris): once `body_grace` has passed since the request head,
+    /// the body must have arrived at `body_min_rate` bytes per second on average, or the
+    /// stream is reset (H3_REQUEST_CANCELLED). Time Spooky itself stops reading (the upstream
+    /// is slower) does not count against the client. `body_min_rate: 0` turns this off.
+    pub body_grace: Seconds,
+    pub body_min_rate: ByteSize,
 }
 
 impl Default for Timeouts {
@@ -272,6 +278,8 @@ impl Default for Timeouts {
             request: Seconds(Duration::from_secs(30)),
             idle: Seconds(Duration::from_secs(30)),
             drain: Seconds(Duration::from_secs(10)),
+            body_grace: Seconds(Duration::from_secs(10)),
+            body_min_rate: ByteSize(1024),
         }
     }
 }

@@ -74,6 +74,8 @@ struct RequestStream {
     started: Instant,
     /// Metric handles of the route this request matched (from the snapshot it started on).
     route: Rc<RouteMetrics>,
+    /// While the body arrives: by when it must have reached the minimum rate (slowloris).
+    body_deadline: Option<Instant>,
     /// Details for the access log, kept only when it is enabled.
     log: Option<Box<LogInfo>>,
 }
@@ -198,6 +200,34 @@ impl Connection {
         }
         if !self.quic.is_draining() {
             let _ = self.quic.close(true, h3_error::NO_ERROR, b"");
+        }
+    }
+
+    /// The earliest minimum-rate deadline among request bodies still arriving.
+    pub fn next_body_deadline(&self) -> Option<Instant> {
+        self.streams.values().filter(|st| !st.recv_done).filter_map(|st| st.body_deadline).min()
+    }
+
+    /// Resets request streams whose body arrives slower than `timeouts.body_min_rate` (a
+    /// slowloris client). A stream whose data waits in QUIC because Spooky stopped reading
+    /// (its upstream is slower, or stopped taking the body) is not the client's fault: its
+    /// deadline moves on by the grace period instead.
+    pub fn cut_slow_bodies(&mut self, ctx: &WorkerCtx, now: Instant) {
+        let mut slow = Vec::new();
+        for (&sid, st) in self.streams.iter_mut() {
+            let Some(deadline) = st.body_deadline.filter(|d| !st.recv_done && *d <= now) else { continue };
+            if st.readable || st.exchange.borrow().req_abandoned {
+                st.body_deadline = Some(deadline.max(now) + ctx.body_grace);
+            } else {
+                slow.push(sid);
+            }
+        }
+        for sid in slow {
+            tracing::debug!(sid, "request body below the minimum rate: resetting the stream");
+            ctx.metrics.slow_request_bodies.increment(1);
+            let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Read, h3_error::REQUEST_CANCELLED);
+            let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Write, h3_error::REQUEST_CANCELLED);
+            self.finish_stream(ctx, sid, End::Reset);
         }
     }
 
@@ -350,6 +380,7 @@ impl Connection {
                 bytes_out: 0,
                 started: Instant::now(),
                 route,
+                body_deadline: (more_frames && ctx.body_min_rate > 0).then(|| Instant::now() + ctx.body_grace),
                 log,
             },
         );
@@ -401,7 +432,7 @@ impl Connection {
         let outcome = match self.streams.get_mut(&sid) {
             Some(st) => {
                 let h3 = self.h3.as_mut().expect("streams exist only with HTTP/3");
-                match read_request_body(&mut self.quic, h3, sid, st, &mut self.read_buf) {
+                match read_request_body(&mut self.quic, h3, sid, st, &mut self.read_buf, ctx.body_min_rate) {
                     Err(why) => return self.reject_malformed(ctx, sid, why),
                     Ok(()) => write_response(&mut self.quic, h3, sid, st, &self.via_name),
                 }
@@ -499,12 +530,15 @@ fn check_rate(
 }
 
 /// Reads request body from QUIC into the exchange while it has room.
+/// Reads what request body QUIC has for `sid` into the exchange, as far as the exchange has
+/// room; each chunk moves the stream's minimum-rate deadline on by its size at `min_rate`.
 fn read_request_body(
     quic: &mut quiche::Connection,
     h3: &mut h3::Connection,
     sid: u64,
     st: &mut RequestStream,
     buf: &mut BytesMut,
+    min_rate: u64,
 ) -> Result<(), request::Malformed> {
     if !st.readable || st.recv_done {
         return Ok(());
@@ -523,6 +557,9 @@ fn read_request_body(
         match h3.recv_body_buf(quic, sid, (&mut *buf).limit(want)) {
             Ok(n) => {
                 st.body_received += n as u64;
+                if let Some(d) = st.body_deadline.as_mut() {
+                    *d += std::time::Duration::from_secs_f64(n as f64 / min_rate as f64);
+                }
                 if st.content_length.is_some_and(|cl| st.body_received > cl) {
                     return Err(request::Malformed("body longer than content-length"));
                 }

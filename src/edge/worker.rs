@@ -72,6 +72,9 @@ pub struct WorkerCtx {
     pub header_policy: HeaderPolicy,
     /// Status and body when no route matches.
     pub no_route: (http::StatusCode, String),
+    /// Slow request bodies: the grace period and the minimum average rate (bytes/s, 0: off).
+    pub body_grace: std::time::Duration,
+    pub body_min_rate: u64,
     pub metrics: WorkerMetrics,
     pub access_log: AccessLogger,
     pub request_ids: Rc<RefCell<RequestIds>>,
@@ -116,6 +119,8 @@ impl WorkerCtx {
                 http::StatusCode::from_u16(config.no_route.status).unwrap_or(http::StatusCode::NOT_FOUND),
                 config.no_route.body.clone(),
             ),
+            body_grace: config.timeouts.body_grace.0,
+            body_min_rate: config.timeouts.body_min_rate.0,
             metrics,
             access_log,
             request_ids,
@@ -263,8 +268,8 @@ impl Worker {
             Ok(h) => h,
             Err(_) => return self.ctx.metrics.dropped(DropReason::Unparseable),
         };
-        let handle = match self.by_cid.get(hdr.dcid.as_ref()) {
-            Some(h) => *h,
+        let (handle, fresh) = match self.by_cid.get(hdr.dcid.as_ref()) {
+            Some(h) => (*h, false),
             None => {
                 // A CID of ours naming another worker: that worker owns the connection (or
                 // issued the Retry this Initial answers). Strays are handed over only once.
@@ -273,14 +278,26 @@ impl Worker {
                     return self.forward(owner, si, pkt, from);
                 }
                 match self.on_unknown_cid(si, &hdr, pkt, from) {
-                    Some(h) => h,
+                    Some(h) => (h, true),
                     None => return,
                 }
             }
         };
         let local = self.sockets[si].local;
         let conn = self.conns.get_mut(&handle).expect("CID table points at live connections");
-        match conn.quic.recv(pkt, quiche::RecvInfo { from, to: local }) {
+        let received = conn.quic.recv(pkt, quiche::RecvInfo { from, to: local });
+        if fresh {
+            // An "Initial" that does not decrypt (noise with a plausible header) must not leave a
+            // connection behind: only one quiche could read opens a connection.
+            if received.is_err() || conn.quic.stats().recv == 0 {
+                self.discard(handle);
+                return self.ctx.metrics.dropped(DropReason::Rejected);
+            }
+            self.ctx.metrics.connections_accepted.increment(1);
+            self.ctx.metrics.connections_active.increment(1.0);
+        }
+        let conn = self.conns.get_mut(&handle).expect("still there");
+        match received {
             Ok(_) => {
                 if conn.peer != from && conn.quic.is_established() {
                     // quiche validates the new path and moves the connection (RFC 9000 §9).
@@ -406,8 +423,6 @@ impl Worker {
             self.by_cid.insert(cid.clone(), handle);
         }
         self.conns.insert(handle, conn);
-        self.ctx.metrics.connections_accepted.increment(1);
-        self.ctx.metrics.connections_active.increment(1.0);
         Some(handle)
     }
 
@@ -517,6 +532,7 @@ impl Worker {
             conn.deadline = None;
             conn.quic.on_timeout();
             conn.on_input(&self.ctx);
+            conn.cut_slow_bodies(&self.ctx, now);
             mark_dirty(&mut self.dirty, conn);
         }
     }
@@ -578,12 +594,25 @@ impl Worker {
                 self.remove(handle);
                 continue;
             }
-            let deadline = conn.quic.timeout().map(|d| Instant::now() + d);
+            let now = Instant::now();
+            let deadline = match (conn.quic.timeout().map(|d| now + d), conn.next_body_deadline()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             if deadline != conn.deadline {
                 conn.deadline = deadline;
                 if let Some(at) = deadline {
                     self.timers.push(Reverse((at, handle)));
                 }
+            }
+        }
+    }
+
+    /// Forgets a connection that never got a readable packet (it was never counted).
+    fn discard(&mut self, handle: u64) {
+        if let Some(conn) = self.conns.remove(&handle) {
+            for cid in &conn.cids {
+                self.by_cid.remove(cid);
             }
         }
     }

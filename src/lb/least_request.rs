@@ -47,6 +47,10 @@ impl Balancer for LeastRequest {
     }
 
     fn on_end(&mut self, backend: BackendId, _latency: Duration, _ok: bool) {
+        self.on_cancel(backend);
+    }
+
+    fn on_cancel(&mut self, backend: BackendId) {
         if let Some(n) = self.active.get_mut(backend) {
             *n = n.saturating_sub(1);
         }

@@ -55,6 +55,9 @@ pub trait Balancer {
     /// A request to `backend` ended; `latency` is the time to the response head, `ok` is false
     /// for gateway failures (connect errors, resets, 502/503/504).
     fn on_end(&mut self, _backend: BackendId, _latency: Duration, _ok: bool) {}
+    /// A request to `backend` ended because the client cancelled it: it says nothing about
+    /// the backend's latency or health, only that it is no longer in flight.
+    fn on_cancel(&mut self, _backend: BackendId) {}
 }
 
 /// Builds the configured algorithm for a pool.

@@ -109,6 +109,12 @@ impl Balancer for PeakEwma {
     fn on_end(&mut self, backend: BackendId, latency: Duration, ok: bool) {
         self.on_end_at(backend, latency, ok, Instant::now());
     }
+
+    fn on_cancel(&mut self, backend: BackendId) {
+        if let Some(e) = self.backends.get_mut(backend) {
+            e.active = e.active.saturating_sub(1);
+        }
+    }
 }
 
 #[cfg(test)]

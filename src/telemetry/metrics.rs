@@ -14,6 +14,7 @@
 //! | `spooky_stateless_resets_sent_total`, `spooky_retries_sent_total`, `spooky_version_negotiations_total` | counter | worker |
 //! | `spooky_connections_refused_total` | counter | worker, reason (`connection_limit`, `rate_limit`) |
 //! | `spooky_connection_migrations_total`, `spooky_early_data_requests_total` | counter | worker |
+//! | `spooky_slow_request_bodies_total` | counter | worker — bodies cut below `timeouts.body_min_rate` |
 //! | `spooky_malformed_requests_total` | counter | worker |
 //! | `spooky_quic_rtt_seconds`, `spooky_quic_cwnd_bytes` | histogram | sampled from quiche when a connection closes |
 //! | `spooky_quic_packets_lost_total`, `spooky_quic_packets_retransmitted_total` | counter | worker |
@@ -96,6 +97,8 @@ pub struct WorkerMetrics {
     pub migrations: Counter,
     /// Requests that arrived in 0-RTT early data.
     pub early_data_requests: Counter,
+    /// Request streams reset because their body arrived below `timeouts.body_min_rate`.
+    pub slow_request_bodies: Counter,
     refused: [Counter; 2],
     dropped: [Counter; 7],
 }
@@ -122,6 +125,7 @@ impl WorkerMetrics {
             version_negotiations: metrics::counter!("spooky_version_negotiations_total", &l()),
             migrations: metrics::counter!("spooky_connection_migrations_total", &l()),
             early_data_requests: metrics::counter!("spooky_early_data_requests_total", &l()),
+            slow_request_bodies: metrics::counter!("spooky_slow_request_bodies_total", &l()),
             refused: REFUSALS
                 .map(|r| metrics::counter!("spooky_connections_refused_total", "worker" => w.clone(), "reason" => r)),
             dropped: DROP_REASONS

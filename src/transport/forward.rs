@@ -21,6 +21,7 @@ use crate::config::{Config, HashKey, Retries, RetryOn, Route};
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use http::{Method, Response, StatusCode};
+use std::cell::Cell;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -68,8 +69,10 @@ pub async fn forward(up: Rc<Upstreams>, ex: SharedExchange, out: Outbound) {
         ex.borrow_mut().poll_cancelled(cx).map(|()| false)
     })
     .await;
-    if !finished {
-        // Dropping `work` drops the h2 response handles, which resets the upstream stream.
+    // Dropping `work` drops the h2 response handles, which resets the upstream stream. The
+    // work may also have ended first, on the upstream reset the body pump sent on seeing the
+    // cancellation: either way the client cancelled.
+    if !finished || ex.borrow().is_cancelled() {
         metrics::counter!("spooky_requests_cancelled_total").increment(1);
     }
 }
@@ -146,6 +149,8 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
         .await
         {
             None => return,
+            // The failure is the client's doing (it reset the request): not the backend's.
+            Some(_) if ex.borrow().is_cancelled() => return,
             Some(f) => f,
         };
         let safe = matches!(failed.kind, Kind::Retry(RetryOn::ConnectFailure | RetryOn::RefusedStream)) || replayable;
@@ -183,9 +188,13 @@ async fn attempt_once(
     deadline: Instant,
     retry_status: bool,
 ) -> Option<Failed> {
+    // Outlier detection hears of every failure except a refused stream (not processed) and
+    // one the client cancelled (the body pump reset it upstream): neither says anything about
+    // the backend.
     let failed = |kind: RetryOn, status: StatusCode, detail: String| {
-        // A refused stream was not processed: no mark against the backend's health.
-        up.record_outcome(pool, backend, Duration::ZERO, kind != RetryOn::RefusedStream);
+        if kind != RetryOn::RefusedStream && !ex.borrow().is_cancelled() {
+            up.record_health(pool, backend, true);
+        }
         Some(Failed { kind: Kind::Retry(kind), status, detail })
     };
     let (response, body_tx, _conn) = {
@@ -220,24 +229,48 @@ async fn attempt_once(
             }
         }
     };
-    let _active = LoadGuard::active(up, pool, backend);
+    let mut active = LoadGuard::active(up, pool, backend);
+    // The balancer hears how the attempt ended; a cancelled one only leaves (guard's drop).
+    let mut ended = |latency: Duration, ok: bool| {
+        if !ex.borrow().is_cancelled() {
+            active.end(latency, ok);
+        }
+    };
     let sent_at = Instant::now();
+    let upload_progress = Rc::new(Cell::new(sent_at));
     if has_body {
-        monoio::spawn(pump_request_body(ex.clone(), body_tx));
+        monoio::spawn(pump_request_body(ex.clone(), body_tx, upload_progress.clone()));
     }
 
     // The head timeout starts once the request is fully sent, as in Envoy: an upload of any
     // length is never cut short by it (a stalled client is bounded by the QUIC idle timeout).
+    // Until then the same timeout bounds a backend that stops taking the body (no HTTP/2
+    // window for that long): otherwise such an upload would wait for capacity forever.
     let mut response = pin!(response);
-    let early = if has_body {
-        poll_fn(|cx| match response.as_mut().poll(cx) {
-            Poll::Ready(r) => Poll::Ready(Some(r)),
-            Poll::Pending => ex.borrow_mut().poll_request_forwarded(cx).map(|()| None),
+    let mut early = None;
+    while has_body && early.is_none() {
+        let progress = upload_progress.get();
+        let mut stall = pin!(monoio::time::sleep_until((progress + policy.per_try_timeout).into()));
+        let woke = poll_fn(|cx| match response.as_mut().poll(cx) {
+            Poll::Ready(r) => Poll::Ready(Some(Some(r))),
+            Poll::Pending if ex.borrow_mut().poll_request_forwarded(cx).is_ready() => Poll::Ready(Some(None)),
+            Poll::Pending => stall.as_mut().poll(cx).map(|()| None),
         })
-        .await
-    } else {
-        None
-    };
+        .await;
+        match woke {
+            Some(Some(r)) => early = Some(r),
+            Some(None) => break,
+            None if upload_progress.get() == progress => {
+                ended(Duration::ZERO, false);
+                return failed(
+                    RetryOn::Timeout,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("{addr} took no request body for {:?}", policy.per_try_timeout),
+                );
+            }
+            None => {}
+        }
+    }
     let result = match early {
         Some(r) => r,
         None => {
@@ -246,11 +279,12 @@ async fn attempt_once(
                 policy.per_try_timeout.min(deadline.saturating_duration_since(now)).max(Duration::from_millis(1));
             match monoio::time::timeout(limit, response).await {
                 Err(_) => {
+                    ended(Duration::ZERO, false);
                     return failed(
                         RetryOn::Timeout,
                         StatusCode::GATEWAY_TIMEOUT,
                         format!("{addr} did not answer in time"),
-                    )
+                    );
                 }
                 Ok(r) => r,
             }
@@ -258,14 +292,20 @@ async fn attempt_once(
     };
     let response = match result {
         Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
-            return failed(RetryOn::RefusedStream, StatusCode::BAD_GATEWAY, format!("{addr} refused the stream"))
+            ended(Duration::ZERO, true);
+            return failed(RetryOn::RefusedStream, StatusCode::BAD_GATEWAY, format!("{addr} refused the stream"));
         }
-        Err(e) => return failed(RetryOn::Reset, StatusCode::BAD_GATEWAY, format!("{addr} failed: {e}")),
+        Err(e) => {
+            ended(Duration::ZERO, false);
+            return failed(RetryOn::Reset, StatusCode::BAD_GATEWAY, format!("{addr} failed: {e}"));
+        }
         Ok(r) => r,
     };
     let status = response.status();
     let latency = sent_at.elapsed();
-    up.record_outcome(pool, backend, latency, matches!(status.as_u16(), 502..=504));
+    let gateway_failure = matches!(status.as_u16(), 502..=504);
+    ended(latency, !gateway_failure);
+    up.record_health(pool, backend, gateway_failure);
     if retry_status && policy.retries.statuses.contains(&status.as_u16()) {
         // Dropping the response resets the upstream stream; the client sees the next attempt.
         return Some(Failed { kind: Kind::Status, status, detail: format!("{addr} answered {status}") });
@@ -353,7 +393,8 @@ fn reset(ex: &SharedExchange, why: &str) {
 
 /// Moves request body chunks from the exchange into the HTTP/2 stream, never sending more than
 /// the peer's flow-control window allows.
-async fn pump_request_body(ex: SharedExchange, mut tx: SendStream<Bytes>) {
+/// Each chunk the backend takes moves `progress` on.
+async fn pump_request_body(ex: SharedExchange, mut tx: SendStream<Bytes>, progress: Rc<Cell<Instant>>) {
     loop {
         let item = poll_fn(|cx| ex.borrow_mut().poll_request_item(cx)).await;
         let sent = match item {
@@ -365,6 +406,7 @@ async fn pump_request_body(ex: SharedExchange, mut tx: SendStream<Bytes>) {
                         Some(n) => tx.send_data(data.split_to(n.min(data.len())), false),
                         None => Err(h2::Error::from(h2::Reason::CANCEL)),
                     };
+                    progress.set(Instant::now());
                 }
                 result
             }

@@ -113,9 +113,8 @@ impl Upstreams {
         self.pools.iter().position(|p| p.name == name).expect("routes reference known pools")
     }
 
-    /// Records an attempt's outcome for outlier detection and the balancer.
-    pub fn record_outcome(&self, pool: usize, backend: usize, latency: Duration, gateway_failure: bool) {
-        self.balancers.borrow_mut()[pool].on_end(backend, latency, !gateway_failure);
+    /// Records a finished attempt for passive outlier detection.
+    pub fn record_health(&self, pool: usize, backend: usize, gateway_failure: bool) {
         let ejected = self.outliers.borrow_mut()[pool].record(backend, gateway_failure, std::time::Instant::now());
         if let Some(time) = ejected {
             let addr = self.pools[pool].backends[backend];
@@ -162,18 +161,29 @@ pub struct LoadGuard<'a> {
     pool: usize,
     backend: usize,
     pending: bool,
+    /// An active request's balancer feedback was given ([`LoadGuard::end`]).
+    ended: bool,
 }
 
 impl<'a> LoadGuard<'a> {
     pub fn pending(up: &'a Upstreams, pool: usize, backend: usize) -> Self {
         up.load.borrow_mut()[pool][backend].pending += 1;
-        LoadGuard { up, pool, backend, pending: true }
+        LoadGuard { up, pool, backend, pending: true, ended: false }
     }
 
     pub fn active(up: &'a Upstreams, pool: usize, backend: usize) -> Self {
         up.load.borrow_mut()[pool][backend].active += 1;
         up.balancers.borrow_mut()[pool].on_start(backend);
-        LoadGuard { up, pool, backend, pending: false }
+        LoadGuard { up, pool, backend, pending: false, ended: false }
+    }
+
+    /// The active request's response head came (or it failed) after `latency`: tells the
+    /// balancer. Without this, dropping the guard tells it the request was cancelled.
+    pub fn end(&mut self, latency: Duration, ok: bool) {
+        if !self.pending && !self.ended {
+            self.ended = true;
+            self.up.balancers.borrow_mut()[self.pool].on_end(self.backend, latency, ok);
+        }
     }
 }
 
@@ -185,6 +195,10 @@ impl Drop for LoadGuard<'_> {
             l.pending -= 1;
         } else {
             l.active -= 1;
+            if !self.ended {
+                // The client went away first: the request only leaves the balancer's count.
+                self.up.balancers.borrow_mut()[self.pool].on_cancel(self.backend);
+            }
         }
     }
 }
