@@ -5,11 +5,13 @@
 //! [`config`] → [`control`] (start-up) → [`edge`] (QUIC/HTTP/3, per worker) → [`bridge`]
 //! (HTTP/3 ⇄ HTTP/2 mapping) → [`route`] → [`lb`] → [`transport`] (HTTP/2 pool) → backends.
 //! [`health`] tells which backends to avoid; [`telemetry`] serves logs and metrics; [`tools`] holds the demo backend and HTTP/3 client.
+//! [`fuzzing`] holds the checks behind the fuzz targets in `fuzz/` (and their regression tests).
 
 pub mod bridge;
 pub mod config;
 pub mod control;
 pub mod edge;
+pub mod fuzzing;
 pub mod health;
 pub mod lb;
 pub mod route;

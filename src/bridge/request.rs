@@ -61,27 +61,39 @@ pub fn parse_head<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) ->
     }
     let method = method.ok_or(Malformed("missing :method"))?;
     let method = http::Method::from_bytes(method.as_bytes()).map_err(|_| Malformed("invalid :method"))?;
+    let content_length = content_length(&headers)?;
     if method == http::Method::CONNECT {
         // Plain CONNECT carries only :method and :authority (RFC 9114 §4.4).
         if scheme.is_some() || path.is_some() {
             return Err(Malformed("CONNECT with :scheme or :path"));
         }
         let authority = authority.ok_or(Malformed("CONNECT without :authority"))?;
+        if !valid_authority(&authority) {
+            return Err(Malformed("invalid :authority"));
+        }
         return Ok(RequestHead {
             method,
             scheme: String::new(),
             authority,
             path: String::new(),
             headers,
-            content_length: None,
+            content_length,
         });
     }
     let scheme = scheme.ok_or(Malformed("missing :scheme"))?;
+    if scheme.is_empty() || http::uri::Scheme::try_from(scheme.as_str()).is_err() {
+        return Err(Malformed("invalid :scheme"));
+    }
     let path = path.ok_or(Malformed("missing :path"))?;
     if path.is_empty() {
         return Err(Malformed("empty :path"));
     }
     if !(path.starts_with('/') || (path == "*" && method == http::Method::OPTIONS)) {
+        return Err(Malformed("invalid :path"));
+    }
+    // Exactly what goes upstream: no byte the URI grammar refuses, no fragment (which the
+    // HTTP/2 request would silently drop).
+    if http::uri::PathAndQuery::try_from(path.as_str()).map_or(true, |p| p.as_str() != path) {
         return Err(Malformed("invalid :path"));
     }
     let host = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
@@ -91,11 +103,10 @@ pub fn parse_head<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) ->
         (None, Some(h)) => h,
         (None, None) => return Err(Malformed("missing :authority and host")),
     };
-    if authority.is_empty() || http::uri::Authority::try_from(authority.as_str()).is_err() {
+    if !valid_authority(&authority) {
         return Err(Malformed("invalid :authority"));
     }
     headers.remove(http::header::HOST);
-    let content_length = content_length(&headers)?;
     Ok(RequestHead { method, scheme, authority, path, headers, content_length })
 }
 
@@ -113,6 +124,11 @@ pub fn parse_trailers<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>
         map.append(name, HeaderValue::from_bytes(value).map_err(|_| Malformed("invalid field value"))?);
     }
     Ok(map)
+}
+
+/// A non-empty `host[:port]`, without the deprecated userinfo (RFC 9114 §4.3.1).
+fn valid_authority(authority: &str) -> bool {
+    !authority.is_empty() && !authority.contains('@') && http::uri::Authority::try_from(authority).is_ok()
 }
 
 fn field_name(name: &[u8]) -> Result<HeaderName, Malformed> {
@@ -279,6 +295,16 @@ mod tests {
             (with(&[("content-length", "-1")]), "invalid content-length"),
             (with(&[("host", "b.example")]), ":authority and host differ"),
             (with(&[("x", "a\nb")]), "invalid field value"),
+            // Found by the h3_request_head fuzz target.
+            (vec![(":method", "CONNECT"), (":authority", "")], "invalid :authority"),
+            (vec![(":method", "GET"), (":scheme", ""), (":authority", "a"), (":path", "/")], "invalid :scheme"),
+            (vec![(":method", "GET"), (":scheme", "https"), (":authority", "a"), (":path", "/p#f")], "invalid :path"),
+            (vec![(":method", "GET"), (":scheme", "https"), (":authority", "a"), (":path", "/a b")], "invalid :path"),
+            (vec![(":method", "CONNECT"), (":authority", "a:443"), ("content-length", "x")], "invalid content-length"),
+            (
+                vec![(":method", "GET"), (":scheme", "https"), (":authority", "u@a.example"), (":path", "/")],
+                "invalid :authority",
+            ),
         ];
         for (fields, reason) in cases {
             assert_eq!(head(&fields).unwrap_err(), Malformed(reason), "{fields:?}");

@@ -87,7 +87,7 @@ fn bad(key: impl Into<String>, problem: impl Into<String>) -> Invalid {
 
 /// Semantic checks that the schema cannot express. Fills resolved fields (backend addresses,
 /// absolute certificate paths).
-fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
+pub(crate) fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
     if c.listen.is_empty() {
         return Err(bad("listen", "at least one address is required"));
     }

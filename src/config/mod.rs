@@ -9,6 +9,7 @@ mod resilience;
 mod schema;
 mod units;
 
+pub(crate) use load::validate;
 pub use load::{load, parse, ConfigError, DEFAULT_CONFIG_YAML};
 pub use resilience::*;
 pub use schema::*;

@@ -32,8 +32,9 @@ const LONG_DCID: u32 = 6;
 
 /// The steering program for a group of `workers` sockets. Offset 0 is the first byte of the
 /// UDP payload.
-fn program(workers: u32) -> Vec<libc::sock_filter> {
+pub fn program(workers: u32) -> Vec<libc::sock_filter> {
     const LD_B: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+    const LD_LEN: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_LEN) as u16;
     const AND: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
     const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
     const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
@@ -43,29 +44,36 @@ fn program(workers: u32) -> Vec<libc::sock_filter> {
     let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
     let marker = (CID_LEN - 1) as u32; // low five bits of CID byte 0: the length of the rest
     let worker = WORKER_OFFSET as u32;
-    // Jump offsets count from the next instruction; FALLBACK is instruction 16.
+    // Every load is checked against the payload length first: the kernel ends a program whose
+    // load runs past the end with 0, which would steer truncated packets to worker 0.
+    // Jump offsets count from the next instruction; FALLBACK is instruction 20.
     vec![
-        /* 0 */ op(LD_B, 0, 0, 0),
-        /* 1 */ op(JSET, 6, 0, 0x80), // long header → 8
+        /* 0 */ op(LD_LEN, 0, 0, 0),
+        /* 1 */ op(JGE, 0, 18, SHORT_DCID + CID_LEN as u32), // too short for any DCID of ours
+        /* 2 */ op(LD_B, 0, 0, 0),
+        /* 3 */ op(JSET, 6, 0, 0x80), // long header → 10
         // Short header: the DCID has no length field; check our layout marker.
-        /* 2 */
+        /* 4 */
         op(LD_B, 0, 0, SHORT_DCID),
-        /* 3 */ op(AND, 0, 0, 0x1f),
-        /* 4 */ op(JEQ, 0, 11, marker),
-        /* 5 */ op(LD_B, 0, 0, SHORT_DCID + worker),
-        /* 6 */ op(JGE, 9, 0, workers),
-        /* 7 */ op(RET_A, 0, 0, 0),
-        // Long header: DCID length, then the same checks at the long-header offset.
-        /* 8 */
-        op(LD_B, 0, 0, LONG_DCID - 1),
-        /* 9 */ op(JEQ, 0, 6, CID_LEN as u32),
-        /* 10 */ op(LD_B, 0, 0, LONG_DCID),
-        /* 11 */ op(AND, 0, 0, 0x1f),
-        /* 12 */ op(JEQ, 0, 3, marker),
-        /* 13 */ op(LD_B, 0, 0, LONG_DCID + worker),
-        /* 14 */ op(JGE, 1, 0, workers),
-        /* 15 */ op(RET_A, 0, 0, 0),
-        /* 16 FALLBACK */ op(RET_K, 0, 0, u32::MAX),
+        /* 5 */ op(AND, 0, 0, 0x1f),
+        /* 6 */ op(JEQ, 0, 13, marker),
+        /* 7 */ op(LD_B, 0, 0, SHORT_DCID + worker),
+        /* 8 */ op(JGE, 11, 0, workers),
+        /* 9 */ op(RET_A, 0, 0, 0),
+        // Long header: room for the whole DCID, its length, then the same checks at the
+        // long-header offset.
+        /* 10 */
+        op(LD_LEN, 0, 0, 0),
+        /* 11 */ op(JGE, 0, 8, LONG_DCID + CID_LEN as u32),
+        /* 12 */ op(LD_B, 0, 0, LONG_DCID - 1),
+        /* 13 */ op(JEQ, 0, 6, CID_LEN as u32),
+        /* 14 */ op(LD_B, 0, 0, LONG_DCID),
+        /* 15 */ op(AND, 0, 0, 0x1f),
+        /* 16 */ op(JEQ, 0, 3, marker),
+        /* 17 */ op(LD_B, 0, 0, LONG_DCID + worker),
+        /* 18 */ op(JGE, 1, 0, workers),
+        /* 19 */ op(RET_A, 0, 0, 0),
+        /* 20 FALLBACK */ op(RET_K, 0, 0, u32::MAX),
     ]
 }
 
@@ -89,37 +97,57 @@ pub fn attach(socket: &UdpSocket, workers: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Runs the program on `pkt` the way the kernel does (loads past the end abort with 0).
-    fn run(prog: &[libc::sock_filter], pkt: &[u8]) -> u32 {
-        let (mut pc, mut a) = (0usize, 0u32);
-        loop {
-            let i = prog[pc];
-            pc += 1;
-            let class = u32::from(i.code) & 0x07;
-            match class {
-                libc::BPF_LD => match pkt.get(i.k as usize) {
+/// The reference interpreter for steering programs, used by the unit tests below and by the
+/// `cid_steering` fuzz target ([`crate::fuzzing::cid_steering`]): runs `prog` on the UDP payload
+/// `pkt` the way the kernel runs a reuseport cBPF program and returns the socket index it
+/// picks (an index at or past the group size means "use the kernel's hash"). As in the kernel,
+/// a load past the end of the packet ends the program with 0.
+///
+/// It knows exactly the instructions [`program`] uses (byte loads, the packet length, `and`,
+/// `jset`/`jeq`/`jge`/`jgt` with constants, `ret` of A or a constant) and panics on any other,
+/// or on a jump out of the program: both are bugs in the program, which the kernel would
+/// refuse to attach.
+pub fn run_program(prog: &[libc::sock_filter], pkt: &[u8]) -> u32 {
+    let (mut pc, mut a) = (0usize, 0u32);
+    loop {
+        let i = *prog.get(pc).expect("the program ran off its end");
+        pc += 1;
+        let code = u32::from(i.code);
+        match code & 0x07 {
+            libc::BPF_LD => match (code & 0x18, code & 0xe0) {
+                (libc::BPF_B, libc::BPF_ABS) => match pkt.get(i.k as usize) {
                     Some(b) => a = u32::from(*b),
                     None => return 0,
                 },
-                libc::BPF_ALU => a &= i.k,
-                libc::BPF_JMP => {
-                    let taken = match u32::from(i.code) & 0xf0 {
-                        libc::BPF_JSET => a & i.k != 0,
-                        libc::BPF_JEQ => a == i.k,
-                        libc::BPF_JGE => a >= i.k,
-                        other => panic!("unexpected jump {other:#x}"),
-                    };
-                    pc += usize::from(if taken { i.jt } else { i.jf });
-                }
-                libc::BPF_RET => return if u32::from(i.code) & 0x18 == libc::BPF_A { a } else { i.k },
-                other => panic!("unexpected class {other:#x}"),
+                (libc::BPF_W, libc::BPF_LEN) => a = pkt.len() as u32,
+                _ => panic!("unexpected load {code:#x}"),
+            },
+            libc::BPF_ALU if code & 0xf8 == libc::BPF_AND | libc::BPF_K => a &= i.k,
+            libc::BPF_JMP if code & 0x08 == libc::BPF_K => {
+                let taken = match code & 0xf0 {
+                    libc::BPF_JSET => a & i.k != 0,
+                    libc::BPF_JEQ => a == i.k,
+                    libc::BPF_JGE => a >= i.k,
+                    libc::BPF_JGT => a > i.k,
+                    _ => panic!("unexpected jump {code:#x}"),
+                };
+                pc += usize::from(if taken { i.jt } else { i.jf });
             }
+            libc::BPF_RET => {
+                return match code & 0x18 {
+                    libc::BPF_A => a,
+                    libc::BPF_K => i.k,
+                    _ => panic!("unexpected return {code:#x}"),
+                }
+            }
+            _ => panic!("unexpected instruction {code:#x}"),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn cid(worker: u8) -> [u8; CID_LEN] {
         super::super::cid::CidGenerator::new(1, 7, worker).generate()
@@ -132,15 +160,15 @@ mod tests {
             let mut pkt = vec![0x40];
             pkt.extend_from_slice(&cid(w));
             pkt.extend_from_slice(&[0xaa; 40]);
-            assert_eq!(run(&prog, &pkt), u32::from(w));
+            assert_eq!(run_program(&prog, &pkt), u32::from(w));
         }
         // A worker id past the group, or a foreign CID layout: the kernel's hash decides.
         let mut pkt = vec![0x40];
         pkt.extend_from_slice(&cid(9));
-        assert_eq!(run(&prog, &pkt), u32::MAX);
+        assert_eq!(run_program(&prog, &pkt), u32::MAX);
         pkt[1] = 0x08;
         pkt[4] = 1;
-        assert_eq!(run(&prog, &pkt), u32::MAX);
+        assert_eq!(run_program(&prog, &pkt), u32::MAX);
     }
 
     #[test]
@@ -150,11 +178,29 @@ mod tests {
         let mut pkt = vec![0xe0, 0, 0, 0, 1, CID_LEN as u8];
         pkt.extend_from_slice(&cid(1));
         pkt.extend_from_slice(&[8, 1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(run(&prog, &pkt), 1);
+        assert_eq!(run_program(&prog, &pkt), 1);
         // A client's first Initial: its own random 8-byte DCID → fallback.
         let mut initial = vec![0xc0, 0, 0, 0, 1, 8];
         initial.extend_from_slice(&[0x5a; 8]);
         initial.extend_from_slice(&[0; 1200]);
-        assert_eq!(run(&prog, &initial), u32::MAX);
+        assert_eq!(run_program(&prog, &initial), u32::MAX);
+    }
+
+    #[test]
+    fn packets_too_short_for_a_dcid_of_ours_fall_back() {
+        // Found by the cid_steering fuzz target: loads past the end used to end the program
+        // with 0 (worker 0) instead of falling back to the kernel's hash.
+        let prog = program(4);
+        let mut short = vec![0x40];
+        short.extend_from_slice(&cid(2));
+        let mut long = vec![0xe0, 0, 0, 0, 1, CID_LEN as u8];
+        long.extend_from_slice(&cid(2));
+        assert_eq!(run_program(&prog, &short), 2);
+        assert_eq!(run_program(&prog, &long), 2);
+        for pkt in [&short, &long] {
+            for len in 0..pkt.len() {
+                assert_eq!(run_program(&prog, &pkt[..len]), u32::MAX, "{len} bytes");
+            }
+        }
     }
 }

@@ -706,3 +706,18 @@ fn mark_dirty(dirty: &mut Vec<u64>, conn: &mut Connection) {
         dirty.push(conn.handle);
     }
 }
+
+// Entry points for `crate::fuzzing` (the `datagram_entry` fuzz target and its regression
+// tests), kept in their own block, apart from the loop above.
+impl Worker {
+    /// Handles one datagram received on socket `si` from `from`, exactly as the loop does
+    /// (`on_datagram`): parse, steer, admit, and feed to quiche.
+    pub fn receive_datagram(&mut self, si: usize, pkt: &mut [u8], from: SocketAddr) {
+        self.on_datagram(si, pkt, from, false);
+    }
+
+    /// How many connections the worker holds.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+}

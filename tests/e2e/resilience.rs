@@ -226,7 +226,17 @@ routes: [{{ upstream: main, retries: {{ attempts: 2, on: [connect_failure, refus
     let statuses: Vec<u16> = load.into_iter().flat_map(|t| t.join().unwrap()).collect();
     let failed = statuses.iter().filter(|s| **s != 200).count();
     assert!(statuses.len() > 100, "load ran: {}", statuses.len());
-    assert_eq!(failed, 0, "{failed} of {} GETs failed", statuses.len());
+    let mut kinds = std::collections::BTreeMap::new();
+    for s in statuses.iter().filter(|s| **s != 200) {
+        *kinds.entry(*s).or_insert(0) += 1;
+    }
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} GETs failed (status: count, 0 = reset or short body): {kinds:?}; log:\n{}",
+        statuses.len(),
+        spooky.proc.log_text()
+    );
 }
 
 #[test]
