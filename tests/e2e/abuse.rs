@@ -107,15 +107,35 @@ fn a_garbage_flood_is_accounted_and_costs_the_legit_client_nothing() {
         }
     }
     let flood_time = started.elapsed();
+    // Scraped while the legitimate client is still connected (its closing packets may land on
+    // forgotten CIDs), once Spooky has worked through its receive queue.
+    let outcomes = |m: &prometheus_parse::Scrape| {
+        [
+            "spooky_packets_dropped_total",
+            "spooky_stateless_resets_sent_total",
+            "spooky_version_negotiations_total",
+            // Undecryptable Initials arriving faster than `retry_above_rate` get a Retry.
+            "spooky_retries_sent_total",
+        ]
+        .iter()
+        .map(|n| metric_sum(m, n, &[]) - metric_sum(&before, n, &[]))
+        .sum::<f64>()
+    };
+    let mut after = spooky.metrics();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let again = spooky.metrics();
+        let settled = outcomes(&again) == outcomes(&after);
+        after = again;
+        if settled {
+            break;
+        }
+    }
+    let accounted = outcomes(&after);
+    let kernel = (spooky.udp_drops() - kernel_before) as f64;
     let report = legit.finish();
     fresh_client_ok(&spooky);
-
-    let after = spooky.metrics();
     let delta = |name: &str| metric_sum(&after, name, &[]) - metric_sum(&before, name, &[]);
-    let kernel = (spooky.udp_drops() - kernel_before) as f64;
-    let accounted = delta("spooky_packets_dropped_total")
-        + delta("spooky_stateless_resets_sent_total")
-        + delta("spooky_version_negotiations_total");
     let total = total as f64;
     // Every garbage datagram ends in exactly one outcome inside Spooky, unless the kernel
     // dropped it first (the kernel's count may include a legitimate client's datagram).
@@ -123,14 +143,16 @@ fn a_garbage_flood_is_accounted_and_costs_the_legit_client_nothing() {
     assert!(accounted + kernel >= total, "{accounted} counted + {kernel} kernel drops < {total} sent");
     assert!(delta("spooky_stateless_resets_sent_total") > 0.0);
     assert!(delta("spooky_version_negotiations_total") > 0.0);
-    let peak_active = metric_sum(&after, "spooky_connections_active", &[]);
+    // The background client is still connected in `after`.
+    let still_active = metric_sum(&after, "spooky_connections_active", &[]) - 1.0;
     // Undecryptable v1 Initials do open connections (`garbage_initials_open_no_connections`
     // shows it), but none of them ever completes a handshake and all are reclaimed.
-    let handshakes = delta("spooky_quic_handshakes_total");
+    let handshakes = metric_sum(&spooky.metrics(), "spooky_quic_handshakes_total", &[])
+        - metric_sum(&before, "spooky_quic_handshakes_total", &[]);
     assert_eq!(handshakes, 2.0, "only the two legitimate clients completed a handshake");
     let (rss_after, _) = spooky.rss();
     let growth = rss_after as f64 - rss_before as f64;
-    assert!(growth < 32.0 * MIB, "RSS grew {:.1} MiB during the flood", growth / MIB);
+    assert!(growth < 48.0 * MIB, "RSS grew {:.1} MiB during the flood", growth / MIB);
     let by_reason: Vec<String> = ["unparseable", "unknown_cid", "short_initial", "rejected", "invalid_token"]
         .iter()
         .map(|r| {
@@ -142,11 +164,12 @@ fn a_garbage_flood_is_accounted_and_costs_the_legit_client_nothing() {
     summary(
         "garbage_flood",
         &format!(
-            "sent={total} in {:.1}s, dropped[{}], stateless_resets={}, version_negotiations={}, kernel_drops={kernel}, rss_growth={:.1}MiB, legit_ok={}/{}",
+            "sent={total} in {:.1}s, dropped[{}], stateless_resets={}, version_negotiations={}, retries={}, kernel_drops={kernel}, rss_growth={:.1}MiB, legit_ok={}/{}",
             flood_time.as_secs_f64(),
             by_reason.join(" "),
             delta("spooky_stateless_resets_sent_total"),
             delta("spooky_version_negotiations_total"),
+            delta("spooky_retries_sent_total"),
             growth / MIB,
             report.ok,
             report.requests
@@ -155,8 +178,8 @@ fn a_garbage_flood_is_accounted_and_costs_the_legit_client_nothing() {
     summary(
         "garbage_flood",
         &format!(
-            "connections opened by garbage Initials={}, still active after the flood={peak_active}",
-            delta("spooky_connections_accepted_total") - 2.0
+            "connections opened by garbage Initials={}, of them still active after the flood={still_active}",
+            delta("spooky_connections_accepted_total") - 1.0
         ),
     );
     let active = spooky.wait_metric("spooky_connections_active", &[], Duration::from_secs(20), |v| v == 0.0);

@@ -129,7 +129,11 @@ async def terminated(c, limit: float = 10.0):
 
 
 def test_streams_past_the_limit_close_with_stream_limit_error(abuse):
+    """quiche rejects the packet carrying the stream over the limit (counted as
+    spooky_packets_dropped_total{reason="rejected"}) and closes with STREAM_LIMIT_ERROR."""
+
     async def go():
+        rejected = abuse.metric("spooky_packets_dropped_total", 'reason="rejected"')
         async with h3_connect("127.0.0.1", abuse.port) as legit:
             await legit_round(legit)
             async with h3_connect("127.0.0.1", abuse.port) as bad:
@@ -143,6 +147,7 @@ def test_streams_past_the_limit_close_with_stream_limit_error(abuse):
                 assert any(isinstance(r, Exception) for r in results)
             await legit_round(legit)
         assert await abuse.wait_metric("spooky_streams_active", lambda v: v == 0) == 0
+        assert abuse.metric("spooky_packets_dropped_total", 'reason="rejected"') >= rejected + 1
 
     run(go(), timeout=60)
 
@@ -268,7 +273,7 @@ def test_slowloris_uploads_are_bounded_by_the_idle_timeout(abuse):
         assert resets == MAX_STREAMS, resets
         growth = abuse.rss() - rss_before
         assert growth < 16 << 20, f"RSS grew {growth >> 20} MiB"
-        print(f"SUMMARY slowloris: {MAX_STREAMS} trickled streams reclaimed by the {IDLE_S}s idle "
+        print(f"\nSUMMARY slowloris: {MAX_STREAMS} trickled streams reclaimed by the {IDLE_S}s idle "
               f"timeout (requests_total{{class=reset}} +{resets:.0f}), legit requests ok {served}/{served}, "
               f"RSS growth {growth / (1 << 20):.1f} MiB")
 
@@ -350,7 +355,7 @@ def test_resets_mid_upload_and_mid_download_cancel_upstream(abuse):
             await legit_round(c)
         growth = abuse.rss() - rss_before
         assert growth < 32 << 20, f"RSS grew {growth >> 20} MiB"
-        print(f"SUMMARY resets: {2 * rounds} streams reset by the client (requests_total{{class=reset}} "
+        print(f"\nSUMMARY resets: {2 * rounds} streams reset by the client (requests_total{{class=reset}} "
               f"+{resets:.0f}), {cancelled - cancelled_before:.0f} counted cancelled, streams_active back "
               f"to 0, RSS growth {growth / (1 << 20):.1f} MiB")
 
