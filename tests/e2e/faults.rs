@@ -267,7 +267,8 @@ fn bodies_cross_a_lossy_slow_path_byte_exact() {
     let lost = relay.dropped.load(Ordering::Relaxed);
     assert!(lost > 0, "the relay dropped nothing");
     // Counted when connections close (the client's close drains first): Spooky saw, and
-    // repaired, the loss.
+    // repaired, the loss. (Only datagrams Spooky sent count as its losses: about half.)
+    spooky.wait_metric("spooky_connections_active", &[], Duration::from_secs(30), |v| v == 0.0);
     let spooky_lost = spooky.wait_metric("spooky_quic_packets_lost_total", &[], Duration::from_secs(15), |v| v > 0.0);
     let m = spooky.metrics();
     assert!(spooky_lost > 0.0, "Spooky detected no loss");
@@ -392,6 +393,7 @@ fn bodies_cross_netem_loss_and_delay_byte_exact() {
                     format!("{}MiB both ways in {:.1}s", n >> 20, ns.run(move || both_ways(addr, n)).as_secs_f64())
                 })
                 .collect();
+            spooky.wait_metric("spooky_connections_active", &[], Duration::from_secs(30), |v| v == 0.0);
             let lost = spooky.wait_metric("spooky_quic_packets_lost_total", &[], Duration::from_secs(15), |v| v > 0.0);
             assert!(lost > 0.0, "Spooky detected no loss");
             summary("netem_path", &format!("netem 5% loss 25ms each way: {}", times.join(", ")));

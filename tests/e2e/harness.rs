@@ -263,7 +263,7 @@ pub fn soak_scale() -> u64 {
 
 /// One line of numbers a scenario measured, printed for `scripts/soak` (and `--nocapture`).
 pub fn summary(test: &str, numbers: &str) {
-    println!("SUMMARY {test}: {numbers}");
+    println!("\nSUMMARY {test}: {numbers}");
 }
 
 impl Spooky {
