@@ -247,6 +247,12 @@ impl Connection {
 
     /// Records what QUIC saw on this connection, when it closes.
     pub fn record_path_stats(&self, ctx: &WorkerCtx) {
+        // A transport error Spooky closed with is the client's doing (stream limit, flow
+        // control, protocol violation): counted by code (a handful of values).
+        if let Some(e) = self.quic.local_error().filter(|e| !e.is_app && e.error_code != 0) {
+            metrics::counter!("spooky_quic_transport_errors_total", "code" => format!("0x{:x}", e.error_code))
+                .increment(1);
+        }
         let stats = self.quic.stats();
         ctx.metrics.quic_lost.increment(stats.lost as u64);
         ctx.metrics.quic_retransmitted.increment(stats.retrans as u64);

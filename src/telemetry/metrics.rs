@@ -16,6 +16,8 @@
 //! | `spooky_connection_migrations_total`, `spooky_early_data_requests_total` | counter | worker |
 //! | `spooky_slow_request_bodies_total` | counter | worker — bodies cut below `timeouts.body_min_rate` |
 //! | `spooky_malformed_requests_total` | counter | worker |
+//! | `spooky_quic_transport_errors_total` | counter | code — transport errors Spooky closed a connection with (e.g. 0x4 STREAM_LIMIT_ERROR) |
+//! | `spooky_h3_connection_errors_total` | counter | HTTP/3 connection errors (quiche closed the connection: QPACK, frame, excessive load) |
 //! | `spooky_quic_rtt_seconds`, `spooky_quic_cwnd_bytes` | histogram | sampled from quiche when a connection closes |
 //! | `spooky_quic_packets_lost_total`, `spooky_quic_packets_retransmitted_total` | counter | worker |
 //! | `spooky_upstream_connects_total`, `spooky_upstream_failures_total{status}`, `spooky_upstream_resets_total`, `spooky_upstream_retries_total`, `spooky_requests_cancelled_total` | counter | |

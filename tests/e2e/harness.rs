@@ -246,3 +246,115 @@ pub fn metric_sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str
         })
         .sum()
 }
+
+// ---- Helpers for the abuse and fault tests (tests/e2e/abuse.rs, tests/e2e/faults.rs). ----
+
+impl Backend {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+}
+
+/// How much bigger than the fast variant a scenario runs: `SPOOKY_SOAK_SCALE` (1 to 100;
+/// 1 in the normal suite, larger from `scripts/soak`).
+pub fn soak_scale() -> u64 {
+    std::env::var("SPOOKY_SOAK_SCALE").ok().and_then(|v| v.parse().ok()).unwrap_or(1).clamp(1, 100)
+}
+
+/// One line of numbers a scenario measured, printed for `scripts/soak` (and `--nocapture`).
+pub fn summary(test: &str, numbers: &str) {
+    println!("\nSUMMARY {test}: {numbers}");
+}
+
+impl Spooky {
+    /// Polls `/metrics` until `name` (summed over `labels`) satisfies `ok`, for at most
+    /// `limit`; returns the last value either way.
+    pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], limit: Duration, ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let v = metric_sum(&self.metrics(), name, labels);
+            if ok(v) || std::time::Instant::now() >= deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// What a legitimate client saw while something else was going on.
+#[derive(Debug, Default)]
+pub struct LegitReport {
+    pub requests: u64,
+    pub ok: u64,
+    /// The first few failures (status, reset, wrong hash, client error), for the message.
+    pub failures: Vec<String>,
+}
+
+/// A legitimate client in a background thread: on one connection, rounds of a download and
+/// an upload (echo), each checked for status 200 and a byte-exact body (SHA-256 of the test
+/// pattern), until stopped. At least `min_rounds` rounds run even if stopped earlier.
+pub struct Legit {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<LegitReport>,
+}
+
+impl Legit {
+    pub fn start(addr: SocketAddr, min_rounds: u64) -> Legit {
+        use spooky::tools::h3client::{Body, Request};
+        use spooky::tools::pattern;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut report = LegitReport::default();
+            let mut client = match Client::connect(addr, Options::default()) {
+                Ok(c) => c,
+                Err(e) => {
+                    report.requests = 1;
+                    report.failures.push(format!("connect: {e}"));
+                    return report;
+                }
+            };
+            let (down, up) = (200_000u64, 100_000u64);
+            let mut round = 0;
+            while round < min_rounds || !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                round += 1;
+                report.requests += 2;
+                let reqs = vec![Request::get(&format!("/bytes/{down}")), Request::post("/echo", Body::Pattern(up))];
+                match client.run(reqs) {
+                    Ok(rs) => {
+                        for (r, n) in rs.iter().zip([down, up]) {
+                            if r.status == 200
+                                && r.reset.is_none()
+                                && r.body_len == n
+                                && r.sha256 == pattern::sha256_hex(n)
+                            {
+                                report.ok += 1;
+                            } else if report.failures.len() < 5 {
+                                report.failures.push(format!(
+                                    "round {round}: status {} reset {:?} len {} (want {n})",
+                                    r.status, r.reset, r.body_len
+                                ));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        report.failures.push(format!("round {round}: {e}"));
+                        return report;
+                    }
+                }
+            }
+            client.close();
+            report
+        });
+        Legit { stop, handle }
+    }
+
+    /// Stops the client and asserts that every one of its requests succeeded byte-exact.
+    pub fn finish(self) -> LegitReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let report = self.handle.join().expect("legit client thread");
+        assert!(report.requests > 0);
+        assert_eq!(report.ok, report.requests, "legit client failures: {:?}", report.failures);
+        report
+    }
+}

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod abuse;
 mod access_log;
 mod balancing;
 mod bodies;
@@ -10,6 +11,7 @@ mod config_errors;
 mod control;
 mod edge;
 mod failures;
+mod faults;
 mod headers;
 mod large_transfers;
 mod load;
