@@ -4,7 +4,7 @@
 //! timer fires, `flush` after anything changed.
 
 use quiche::h3::{self, NameValue};
-use spooky::edge::socket::{send_gso, GSO_MAX_SEGMENTS};
+use spooky::edge::socket::{enable_gro, recv_train, send_gso, GSO_MAX_SEGMENTS};
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -48,6 +48,10 @@ pub struct Conn {
     pub touched: bool,
     /// Send with UDP GSO (cleared if the kernel refuses).
     gso: bool,
+    /// UDP GRO on the socket: a read may return a train of datagrams. A client host's NIC
+    /// would coalesce (or a real wire would carry) the proxy's GSO runs; without it, loopback
+    /// splits each run in the sender's context and bills the proxy for the receiver's work.
+    gro: bool,
 }
 
 /// Largest datagram sent (`max_send_udp_payload_size`).
@@ -105,6 +109,7 @@ impl Conn {
         sock.connect(&peer.into())?;
         sock.set_nonblocking(true)?;
         let sock: UdpSocket = sock.into();
+        let gro = enable_gro(&sock);
         let local = sock.local_addr()?;
         let mut scid = [0u8; quiche::MAX_CONN_ID_LEN];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut scid)
@@ -123,6 +128,7 @@ impl Conn {
             armed: None,
             touched: true,
             gso: true,
+            gro,
         })
     }
 
@@ -168,10 +174,12 @@ impl Conn {
     pub fn readable(&mut self, buf: &mut [u8], body_chunk: &[u8], done: &mut Vec<Outcome>) -> bool {
         self.touched = true;
         loop {
-            match self.sock.recv(buf) {
-                Ok(n) => {
+            match recv_train(&self.sock, buf, self.gro) {
+                Ok((n, _, segment)) => {
                     let info = quiche::RecvInfo { from: self.peer, to: self.local };
-                    let _ = self.quic.recv(&mut buf[..n], info);
+                    for datagram in buf[..n].chunks_mut(segment.max(1)) {
+                        let _ = self.quic.recv(datagram, info);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 // Nobody listens there (ICMP port unreachable): give up on this connection.

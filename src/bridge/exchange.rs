@@ -109,7 +109,19 @@ pub struct Exchange {
 
     /// The client went away: the upstream side must stop and reset its stream.
     cancelled: bool,
-    cancel_wakers: Vec<Waker>,
+    /// One waker per [`Waiter`]. A slot is overwritten, never appended to: monoio's wakers
+    /// for one task are not `will_wake`-equal from poll to poll, so a list would grow with
+    /// every poll of a long upload.
+    cancel_wakers: [Option<Waker>; 2],
+}
+
+/// The tasks that wait for an exchange's cancellation.
+#[derive(Clone, Copy, Debug)]
+pub enum Waiter {
+    /// The forwarding task (attempts, response streaming).
+    Forward = 0,
+    /// The task moving the request body upstream.
+    BodyPump = 1,
 }
 
 pub type SharedExchange = Rc<RefCell<Exchange>>;
@@ -139,7 +151,7 @@ impl Exchange {
             upstream: None,
             upstream_time: None,
             cancelled: false,
-            cancel_wakers: Vec::new(),
+            cancel_wakers: [None, None],
         }))
     }
 
@@ -173,7 +185,7 @@ impl Exchange {
     pub fn cancel(&mut self) {
         self.cancelled = true;
         self.wake_pump();
-        for w in self.cancel_wakers.drain(..) {
+        for w in self.cancel_wakers.iter_mut().filter_map(Option::take) {
             w.wake();
         }
     }
@@ -203,12 +215,13 @@ impl Exchange {
     }
 
     /// Resolves when the exchange is cancelled (for racing against upstream waits).
-    pub fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    pub fn poll_cancelled(&mut self, cx: &mut Context<'_>, who: Waiter) -> Poll<()> {
         if self.cancelled {
             return Poll::Ready(());
         }
-        if !self.cancel_wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            self.cancel_wakers.push(cx.waker().clone());
+        match &mut self.cancel_wakers[who as usize] {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
         }
         Poll::Pending
     }

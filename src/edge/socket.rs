@@ -62,52 +62,16 @@ impl EdgeSocket {
     pub fn new(io: UdpSocket, want: Offloads) -> std::io::Result<Self> {
         let local = io.local_addr()?;
         let ready = monoio::net::udp::UdpSocket::from_std(io.try_clone()?)?;
-        let on: libc::c_int = 1;
-        let gro = want.gro && enable(&io, libc::SOL_UDP, libc::UDP_GRO, &on, "UDP GRO");
+        let gro = want.gro && enable_gro(&io);
         let clock = libc::sock_txtime { clockid: libc::CLOCK_MONOTONIC, flags: 0 };
         let txtime = want.pacing && enable(&io, libc::SOL_SOCKET, SO_TXTIME, &clock, "SO_TXTIME pacing");
         Ok(EdgeSocket { io, local, ready, gso: Cell::new(want.gso), gro, txtime })
     }
 
     /// Reads one datagram — or, with GRO, a train of datagrams from one sender that the
-    /// kernel coalesced — into `buf`: (bytes, sender, segment size). Every datagram of a train
-    /// is `segment` bytes except perhaps the last. Non-blocking.
+    /// kernel coalesced — into `buf`: (bytes, sender, segment size). Non-blocking.
     pub fn recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, usize)> {
-        // SAFETY: sockaddr_storage and msghdr are plain data; every pointer placed in `msg`
-        // outlives the recvmsg call, and the control buffer is 8-byte aligned.
-        unsafe {
-            let mut storage = socket2::SockAddrStorage::zeroed();
-            let addr = storage.view_as::<libc::sockaddr_storage>();
-            let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
-            let mut control = [0u64; 8];
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_name = addr as *mut libc::sockaddr_storage as *mut libc::c_void;
-            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            if self.gro {
-                msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-                msg.msg_controllen = std::mem::size_of_val(&control);
-            }
-            let n = libc::recvmsg(self.io.as_raw_fd(), &mut msg, 0);
-            if n < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let n = n as usize;
-            let mut segment = n;
-            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-            while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
-                    let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int);
-                    segment = (size as usize).clamp(1, n.max(1));
-                }
-                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-            }
-            let from = SockAddr::new(storage, msg.msg_namelen)
-                .as_socket()
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "sender is not an IP address"))?;
-            Ok((n, from, segment))
-        }
+        recv_train(&self.io, buf, self.gro)
     }
 
     /// Sends `buf`, a run of datagrams of `segment` bytes each (the last may be shorter), to
@@ -159,6 +123,53 @@ impl EdgeSocket {
             }
         }
     }
+}
+
+/// Reads one datagram — or, on a socket with UDP GRO (`gro`), a train of datagrams from one
+/// sender that the kernel coalesced — into `buf`: (bytes, sender, segment size). Every
+/// datagram of a train is `segment` bytes except perhaps the last.
+pub fn recv_train(socket: &UdpSocket, buf: &mut [u8], gro: bool) -> std::io::Result<(usize, SocketAddr, usize)> {
+    // SAFETY: sockaddr_storage and msghdr are plain data; every pointer placed in `msg`
+    // outlives the recvmsg call, and the control buffer is 8-byte aligned.
+    unsafe {
+        let mut storage = socket2::SockAddrStorage::zeroed();
+        let addr = storage.view_as::<libc::sockaddr_storage>();
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+        let mut control = [0u64; 8];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = addr as *mut libc::sockaddr_storage as *mut libc::c_void;
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if gro {
+            msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+            msg.msg_controllen = std::mem::size_of_val(&control);
+        }
+        let n = libc::recvmsg(socket.as_raw_fd(), &mut msg, 0);
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = n as usize;
+        let mut segment = n;
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
+                let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int);
+                segment = (size as usize).clamp(1, n.max(1));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        let from = SockAddr::new(storage, msg.msg_namelen)
+            .as_socket()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "sender is not an IP address"))?;
+        Ok((n, from, segment))
+    }
+}
+
+/// Turns UDP GRO on for `socket`; false where the kernel refuses.
+pub fn enable_gro(socket: &UdpSocket) -> bool {
+    let on: libc::c_int = 1;
+    enable(socket, libc::SOL_UDP, libc::UDP_GRO, &on, "UDP GRO")
 }
 
 /// Sets a socket option; false (with a warning naming `what`) if the kernel refuses it.

@@ -15,7 +15,7 @@
 use super::pool::{self, Pooled};
 use super::select::{self, Selection};
 use super::{InFlight, LoadGuard, Upstreams};
-use crate::bridge::exchange::{Failure, RequestItem, SharedExchange};
+use crate::bridge::exchange::{Failure, RequestItem, SharedExchange, Waiter};
 use crate::bridge::h3_error;
 use crate::config::{Config, HashKey, Retries, RetryOn, Route};
 use bytes::Bytes;
@@ -66,7 +66,7 @@ pub async fn forward(up: Rc<Upstreams>, ex: SharedExchange, out: Outbound) {
         if let Poll::Ready(()) = work.as_mut().poll(cx) {
             return Poll::Ready(true);
         }
-        ex.borrow_mut().poll_cancelled(cx).map(|()| false)
+        ex.borrow_mut().poll_cancelled(cx, Waiter::Forward).map(|()| false)
     })
     .await;
     // Dropping `work` drops the h2 response handles, which resets the upstream stream. The
@@ -426,7 +426,7 @@ async fn pump_request_body(ex: SharedExchange, mut tx: SendStream<Bytes>, progre
 /// Waits for send capacity; `None` when the stream is gone or the exchange was cancelled.
 async fn wait_capacity(ex: &SharedExchange, tx: &mut SendStream<Bytes>) -> Option<usize> {
     poll_fn(|cx| {
-        if ex.borrow_mut().poll_cancelled(cx).is_ready() {
+        if ex.borrow_mut().poll_cancelled(cx, Waiter::BodyPump).is_ready() {
             return Poll::Ready(None);
         }
         crate::runtime::poll_send_capacity(tx, cx)
