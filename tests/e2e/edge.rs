@@ -242,3 +242,24 @@ fn connection_limits_refuse_new_clients_cleanly_and_keep_existing_ones() {
     get_ok(&mut first, "/bytes/1000");
     assert!(counter(&spooky, "spooky_connections_refused_total", &[("reason", "rate_limit")]) >= 1.0);
 }
+
+#[test]
+fn a_reload_changes_address_validation_for_new_connections_only() {
+    let backend = Backend::start("edge-reload-retry");
+    let spooky = Spooky::start(&config(&backend, "retry: never"));
+    let mut before = spooky.client();
+    get_ok(&mut before, "/bytes/1000");
+    // Same file as the harness wrote (it adds the admin listener), only `retry` changes.
+    std::fs::write(&spooky.config, config(&backend, "retry: always") + "\nadmin: { listen: 127.0.0.1:0 }\n").unwrap();
+    spooky.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while counter(&spooky, "spooky_reloads_total", &[("result", "ok")]) < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "reload not applied; log:\n{}", spooky.proc.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut after = spooky.client();
+    get_ok(&mut after, "/bytes/1000");
+    // The connection from before the reload was never retried and keeps working.
+    get_ok(&mut before, "/bytes/1000");
+    assert_eq!(counter(&spooky, "spooky_retries_sent_total", &[]), 1.0, "only the new connection was retried");
+}
