@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,34 @@ def find_binary(name: str) -> Path:
     return path
 
 
+SPOOKY_READY = r"spooky ready.*listen=127\.0\.0\.1:(\d+).*admin=127\.0\.0\.1:(\d+)"
+
+
+def start_spooky(cfg: Path, log: Path, name: str = "spooky") -> tuple[Proc, int, int]:
+    """Runs `spooky run --config cfg` (the config must have an admin listener) until it is
+    ready; returns the process, its UDP port and its admin port. Stopped again if it never
+    becomes ready."""
+    proc = Proc(name, [str(find_binary("spooky")), "run", "--config", str(cfg)], log, ready_re=SPOOKY_READY)
+    try:
+        m = proc.wait_ready()
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, int(m.group(1)), int(m.group(2))
+
+
+def spooky_metric(admin_port: int, name: str, label: str = "") -> float:
+    """Sum of every series of `name` in Spooky's /metrics (only those containing `label`,
+    e.g. 'class="reset"', if given)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
+        if m and label in (m.group(1) or ""):
+            total += float(m.group(2))
+    return total
+
+
 @dataclass
 class Stack:
     """The running processes and what the tests need to know about them."""
@@ -267,14 +296,8 @@ def stack(tmp_path_factory) -> Stack:
         dead_port = free_port()
         cfg = tmp / "spooky.yaml"
         cfg.write_text(spooky_config(backend_port, nginx_port, dead_port))
-        spooky = Proc(
-            "spooky",
-            [str(find_binary("spooky")), "run", "--config", str(cfg)],
-            tmp / "spooky.stderr.log",
-            ready_re=r"spooky ready.*listen=127\.0\.0\.1:(\d+)",
-        )
+        spooky, spooky_port, _ = start_spooky(cfg, tmp / "spooky.stderr.log")
         procs.append(spooky)
-        spooky_port = int(spooky.wait_ready().group(1))
     except BaseException:
         for p in reversed(procs):
             p.stop()

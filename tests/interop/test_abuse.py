@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
-import urllib.request
 
 import pytest
 from aioquic.h3.connection import FrameType, encode_frame
 
-from conftest import Proc, find_binary
+from conftest import Proc, find_binary, spooky_metric, start_spooky
 from h3client import h3_connect, run
 from test_aioquic import pattern
 
@@ -38,15 +36,7 @@ class Abuse:
         self.spooky, self.port, self.admin = spooky, port, admin
 
     def metric(self, name: str, label: str = "") -> float:
-        """Sum of every series of `name` in /metrics (only those containing `label`, e.g.
-        'class="reset"', if given)."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/metrics", timeout=5).read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
-            if m and label in (m.group(1) or ""):
-                total += float(m.group(2))
-        return total
+        return spooky_metric(self.admin, name, label)
 
     def rss(self) -> int:
         with open(f"/proc/{self.spooky.popen.pid}/status") as f:
@@ -91,15 +81,9 @@ upstreams:
 routes: [{{ upstream: demo }}]
 """
         )
-        spooky = Proc(
-            "spooky",
-            [str(find_binary("spooky")), "run", "--config", str(cfg)],
-            tmp / "spooky.log",
-            ready_re=r"spooky ready.*listen=127\.0\.0\.1:(\d+).*admin=127\.0\.0\.1:(\d+)",
-        )
+        spooky, port, admin = start_spooky(cfg, tmp / "spooky.log")
         procs.append(spooky)
-        m = spooky.wait_ready()
-        yield Abuse(spooky, int(m.group(1)), int(m.group(2)))
+        yield Abuse(spooky, port, admin)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -429,15 +413,9 @@ upstreams:
 routes: [{{ upstream: two }}]
 """
         )
-        spooky = Proc(
-            "spooky",
-            [str(find_binary("spooky")), "run", "--config", str(cfg)],
-            tmp / "spooky.log",
-            ready_re=r"spooky ready.*listen=127\.0\.0\.1:(\d+).*admin=127\.0\.0\.1:(\d+)",
-        )
+        spooky, port, admin = start_spooky(cfg, tmp / "spooky.log")
         procs.append(spooky)
-        m = spooky.wait_ready()
-        yield Abuse(spooky, int(m.group(1)), int(m.group(2)))
+        yield Abuse(spooky, port, admin)
     finally:
         for p in reversed(procs):
             p.stop()

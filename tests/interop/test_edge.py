@@ -8,13 +8,11 @@ spooky-backend.
 from __future__ import annotations
 
 import asyncio
-import re
-import urllib.request
 
 import pytest
 from aioquic.asyncio import connect
 
-from conftest import Proc, find_binary
+from conftest import spooky_metric, start_spooky
 from h3client import H3Client, client_configuration, run
 
 
@@ -32,22 +30,13 @@ def edge_spooky(stack, tmp_path):
             f"upstreams:\n  demo: {{ backends: [ {{ address: 127.0.0.1:{stack.backend_port} }} ] }}\n"
             f"routes: [ {{ upstream: demo }} ]\n"
         )
-        p = Proc("spooky-edge", [str(find_binary("spooky")), "run", "--config", str(cfg)],
-                 tmp_path / f"spooky-{len(procs)}.log",
-                 ready_re=r"spooky ready.*listen=127\.0\.0\.1:(\d+).*admin=127\.0\.0\.1:(\d+)")
+        p, port, admin = start_spooky(cfg, tmp_path / f"spooky-{len(procs)}.log", "spooky-edge")
         procs.append(p)
-        m = p.wait_ready()
-        return int(m.group(1)), int(m.group(2))
+        return port, admin
 
     yield start
     for p in procs:
         p.stop()
-
-
-def metric(admin_port: int, name: str) -> float:
-    """Sum of a metric over all its series, from Spooky's /metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).read().decode()
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def test_aioquic_follows_a_retry(edge_spooky):
@@ -60,8 +49,8 @@ def test_aioquic_follows_a_retry(edge_spooky):
             assert (r.status, len(r.body)) == (200, 1000)
 
     run(go())
-    assert metric(admin, "spooky_retries_sent_total") == 1
-    assert metric(admin, "spooky_connections_accepted_total") == 1
+    assert spooky_metric(admin, "spooky_retries_sent_total") == 1
+    assert spooky_metric(admin, "spooky_connections_accepted_total") == 1
 
 
 def test_aioquic_0rtt_get_is_forwarded_marked_and_post_gets_425(edge_spooky):
@@ -95,7 +84,7 @@ def test_aioquic_0rtt_get_is_forwarded_marked_and_post_gets_425(edge_spooky):
     assert get.status == 200
     assert b"early-data: 1" in get.body, get.body
     assert post.status == 425
-    assert metric(admin, "spooky_early_data_requests_total") == 2
+    assert spooky_metric(admin, "spooky_early_data_requests_total") == 2
 
 
 def test_aioquic_moves_to_a_spare_connection_id(edge_spooky):
@@ -114,5 +103,5 @@ def test_aioquic_moves_to_a_spare_connection_id(edge_spooky):
 
     run(go())
     # The new CID names the same worker: the BPF program steered every packet to it.
-    assert metric(admin, "spooky_packets_forwarded_total") == 0
-    assert metric(admin, "spooky_packets_dropped_total") == 0
+    assert spooky_metric(admin, "spooky_packets_forwarded_total") == 0
+    assert spooky_metric(admin, "spooky_packets_dropped_total") == 0
