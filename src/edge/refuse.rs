@@ -39,16 +39,22 @@ fn expand_label(prk: &hkdf::Prk, label: &[u8], out: &mut [u8]) {
     prk.expand(&info, Len(out.len())).and_then(|okm| okm.fill(out)).expect("lengths are within HKDF limits");
 }
 
+/// The server's Initial key, IV and header-protection key material (RFC 9001 §5.2).
+fn server_initial_secrets(dcid: &[u8]) -> ([u8; 16], [u8; 12], [u8; 16]) {
+    let initial = hkdf::Salt::new(hkdf::HKDF_SHA256, &INITIAL_SALT_V1).extract(dcid);
+    let mut secret = [0u8; 32];
+    expand_label(&initial, b"server in", &mut secret);
+    let server = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &secret);
+    let (mut key, mut iv, mut hp) = ([0u8; 16], [0u8; 12], [0u8; 16]);
+    expand_label(&server, b"quic key", &mut key);
+    expand_label(&server, b"quic iv", &mut iv);
+    expand_label(&server, b"quic hp", &mut hp);
+    (key, iv, hp)
+}
+
 impl InitialKeys {
     fn server(dcid: &[u8]) -> Self {
-        let initial = hkdf::Salt::new(hkdf::HKDF_SHA256, &INITIAL_SALT_V1).extract(dcid);
-        let mut secret = [0u8; 32];
-        expand_label(&initial, b"server in", &mut secret);
-        let server = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &secret);
-        let (mut key, mut iv, mut hp) = ([0u8; 16], [0u8; 12], [0u8; 16]);
-        expand_label(&server, b"quic key", &mut key);
-        expand_label(&server, b"quic iv", &mut iv);
-        expand_label(&server, b"quic hp", &mut hp);
+        let (key, iv, hp) = server_initial_secrets(dcid);
         InitialKeys {
             key: aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_128_GCM, &key).expect("16-byte key")),
             iv,
@@ -127,14 +133,7 @@ mod tests {
     #[test]
     fn initial_keys_match_rfc_9001_appendix_a() {
         let dcid = [0x83, 0x94, 0xc8, 0xf0, 0x3e, 0x51, 0x57, 0x08];
-        let initial = hkdf::Salt::new(hkdf::HKDF_SHA256, &INITIAL_SALT_V1).extract(&dcid);
-        let mut secret = [0u8; 32];
-        expand_label(&initial, b"server in", &mut secret);
-        let server = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &secret);
-        let (mut key, mut iv, mut hp) = ([0u8; 16], [0u8; 12], [0u8; 16]);
-        expand_label(&server, b"quic key", &mut key);
-        expand_label(&server, b"quic iv", &mut iv);
-        expand_label(&server, b"quic hp", &mut hp);
+        let (key, iv, hp) = server_initial_secrets(&dcid);
         assert_eq!(hex::encode(key), "cf3a5331653c364c88f0f379b6067e37");
         assert_eq!(hex::encode(iv), "0ac1493ca1905853b0bba03e");
         assert_eq!(hex::encode(hp), "c206b8d9b9f0f37644430b490eeaa314");
