@@ -7,7 +7,7 @@
 //!
 //! Sizes scale with `SPOOKY_SOAK_SCALE` (`scripts/soak`); the fast variants run in the suite.
 
-use crate::harness::{metric_sum, soak_scale, summary, Backend, Legit, Spooky, PREAMBLE};
+use crate::harness::{metric_sum, soak_scale, summary, Backend, Legit, Noise, Spooky, PREAMBLE};
 use spooky::tools::h3client::{Client, Error, Options, Request};
 use spooky::tools::pattern;
 use std::net::{SocketAddr, UdpSocket};
@@ -29,24 +29,6 @@ fn fresh_client_ok(spooky: &Spooky) {
     let r = c.request(Request::get("/bytes/50000")).expect("request");
     assert_eq!((r.status, r.sha256.as_str()), (200, pattern::sha256_hex(50_000).as_str()));
     c.close();
-}
-
-/// A deterministic stream of pseudo-random bytes (xorshift64).
-struct Noise(u64);
-
-impl Noise {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            *b = self.next() as u8;
-        }
-    }
 }
 
 /// Garbage of several shapes: random bytes, short headers carrying a CID in Spooky's layout

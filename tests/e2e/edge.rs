@@ -2,7 +2,7 @@
 //! stray hand-off without it), NAT rebinding, stateless resets after a restart, Retry,
 //! version negotiation, garbage, and connection limits.
 
-use crate::harness::{metric_sum, Backend, Spooky, PREAMBLE};
+use crate::harness::{metric_sum, Backend, Noise, Spooky, PREAMBLE};
 use spooky::tools::h3client::{Client, Error, Options, Request};
 use std::net::UdpSocket;
 use std::time::Duration;
@@ -147,24 +147,6 @@ fn unknown_versions_get_version_negotiation_and_small_ones_nothing() {
     let m = spooky.metrics();
     assert_eq!(metric_sum(&m, "spooky_version_negotiations_total", &[]), 1.0);
     assert_eq!(metric_sum(&m, "spooky_packets_dropped_total", &[("reason", "short_initial")]), 1.0);
-}
-
-/// A deterministic stream of pseudo-random bytes (xorshift64).
-struct Noise(u64);
-
-impl Noise {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            *b = self.next() as u8;
-        }
-    }
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! (`upstream_pool::a_backend_goaway_drains_in_flight_requests_and_new_ones_reconnect`), and a
 //! frozen backend's pooled connection (`upstream_pool::keepalive_pings_close_…`).
 
-use crate::harness::{metric_sum, soak_scale, summary, Backend, Spooky, PREAMBLE};
+use crate::harness::{metric_sum, soak_scale, summary, Backend, Noise, Spooky, PREAMBLE};
 use spooky::tools::h3client::{Body, Client, Options, Request, Response};
 use spooky::tools::pattern;
 use std::net::{SocketAddr, UdpSocket};
@@ -192,17 +192,14 @@ impl LossyRelay {
             let (q_tx, q_rx) = mpsc::channel::<(Instant, Vec<u8>)>();
             let (stop1, dropped1, client1) = (stop.clone(), dropped.clone(), client.clone());
             threads.push(std::thread::spawn(move || {
-                let mut rng = seed;
+                let mut rng = Noise(seed);
                 let mut buf = vec![0u8; 65_536];
                 while !stop1.load(Ordering::Relaxed) {
                     let Ok((n, from)) = rx.recv_from(&mut buf) else { continue };
                     if to_spooky {
                         *client1.lock().unwrap() = Some(from);
                     }
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    if rng % 1000 < loss_permille {
+                    if rng.next() % 1000 < loss_permille {
                         dropped1.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
