@@ -493,49 +493,18 @@ pub(crate) mod tickets {
 mod tests {
     use super::tickets::{TicketKeys, OVERHEAD};
     use super::*;
-    use boring::asn1::Asn1Time;
-    use boring::ec::{EcGroup, EcKey};
-    use boring::hash::MessageDigest;
-    use boring::nid::Nid;
-    use boring::rsa::Rsa;
-    use boring::x509::extension::SubjectAlternativeName;
-    use boring::x509::{X509Builder, X509NameBuilder};
     use std::time::Instant;
 
     fn ecdsa_key() -> PKey<Private> {
-        let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-        PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
+        crate::tools::certs::ecdsa_key().unwrap()
     }
 
     fn rsa_key() -> PKey<Private> {
-        PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap()
-    }
-
-    /// A self-signed certificate for `names` (the first is also the subject CN).
-    fn certificate(key: &PKey<Private>, names: &[&str]) -> X509 {
-        let mut b = X509Builder::new().unwrap();
-        b.set_version(2).unwrap();
-        let mut name = X509NameBuilder::new().unwrap();
-        name.append_entry_by_nid(Nid::COMMONNAME, names[0]).unwrap();
-        let name = name.build();
-        b.set_subject_name(&name).unwrap();
-        b.set_issuer_name(&name).unwrap();
-        b.set_pubkey(key).unwrap();
-        b.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
-        b.set_not_after(&Asn1Time::days_from_now(30).unwrap()).unwrap();
-        let mut san = SubjectAlternativeName::new();
-        for n in names {
-            san.dns(n);
-        }
-        let san = san.build(&b.x509v3_context(None, None)).unwrap();
-        b.append_extension(san).unwrap();
-        b.sign(key, MessageDigest::sha256()).unwrap();
-        b.build()
+        crate::tools::certs::rsa_key().unwrap()
     }
 
     fn write_pair(dir: &Path, stem: &str, key: &PKey<Private>, names: &[&str]) {
-        std::fs::write(dir.join(format!("{stem}.crt")), certificate(key, names).to_pem().unwrap()).unwrap();
-        std::fs::write(dir.join(format!("{stem}.key")), key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        crate::tools::certs::write_self_signed(dir, stem, key, names).unwrap();
     }
 
     fn config(dir: &Path, tls: &str) -> Result<Config, String> {

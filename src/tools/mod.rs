@@ -5,7 +5,9 @@
 //! - [`h3client`]: a small blocking HTTP/3 client on quiche (`spooky-client`), also used by the
 //!   integration tests and benchmarks.
 //! - [`pattern`]: the deterministic byte pattern both use to check bodies by hash.
+//! - [`certs`]: self-signed ECDSA or RSA test certificates.
 
 pub mod backend;
+pub mod certs;
 pub mod h3client;
 pub mod pattern;

@@ -3,49 +3,25 @@
 //! through the process-wide ticket keys.
 
 use crate::harness::{metric_sum, Backend, Spooky};
-use boring::asn1::Asn1Time;
-use boring::ec::{EcGroup, EcKey};
-use boring::hash::MessageDigest;
-use boring::nid::Nid;
 use boring::pkey::{Id, PKey, Private};
-use boring::rsa::Rsa;
-use boring::x509::extension::SubjectAlternativeName;
-use boring::x509::{X509Builder, X509NameBuilder, X509};
+use boring::x509::X509;
+use spooky::tools::certs;
 use spooky::tools::h3client::{Body, Client, EarlyData, Options, Request};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn ecdsa_key() -> PKey<Private> {
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-    PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
+    certs::ecdsa_key().unwrap()
 }
 
 fn rsa_key() -> PKey<Private> {
-    PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap()
+    certs::rsa_key().unwrap()
 }
 
 /// Writes `{stem}.crt` and `{stem}.key`: a self-signed certificate for `names`.
 fn write_cert(dir: &Path, stem: &str, key: &PKey<Private>, names: &[&str]) {
-    let mut b = X509Builder::new().unwrap();
-    b.set_version(2).unwrap();
-    let mut name = X509NameBuilder::new().unwrap();
-    name.append_entry_by_nid(Nid::COMMONNAME, names[0]).unwrap();
-    let name = name.build();
-    b.set_subject_name(&name).unwrap();
-    b.set_issuer_name(&name).unwrap();
-    b.set_pubkey(key).unwrap();
-    b.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
-    b.set_not_after(&Asn1Time::days_from_now(30).unwrap()).unwrap();
-    let mut san = SubjectAlternativeName::new();
-    for n in names {
-        san.dns(n);
-    }
-    let san = san.build(&b.x509v3_context(None, None)).unwrap();
-    b.append_extension(san).unwrap();
-    b.sign(key, MessageDigest::sha256()).unwrap();
-    std::fs::write(dir.join(format!("{stem}.crt")), b.build().to_pem().unwrap()).unwrap();
-    std::fs::write(dir.join(format!("{stem}.key")), key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    certs::write_self_signed(dir, stem, key, names).unwrap();
 }
 
 /// A configuration with a self-signed default certificate for `localhost` plus `tls_extra`.
