@@ -142,6 +142,18 @@ def find_binary(name: str) -> Path:
     return path
 
 
+def start_backend(name: str, log: Path, proc_name: str = "spooky-backend") -> tuple[Proc, int]:
+    """Runs spooky-backend (one thread, answering as `name` in x-backend) until it listens;
+    returns the process and its port. Stopped again if it never becomes ready."""
+    argv = [str(find_binary("spooky-backend")), "-l", "127.0.0.1:0", "-n", name, "-t", "1"]
+    proc = Proc(proc_name, argv, log, ready_re=r"listening on 127\.0\.0\.1:(\d+)")
+    try:
+        return proc, int(proc.wait_ready().group(1))
+    except BaseException:
+        proc.stop()
+        raise
+
+
 SPOOKY_READY = r"spooky ready.*listen=127\.0\.0\.1:(\d+).*admin=127\.0\.0\.1:(\d+)"
 
 
@@ -271,14 +283,8 @@ def stack(tmp_path_factory) -> Stack:
     tmp = tmp_path_factory.mktemp("interop")
     procs: list[Proc] = []
     try:
-        backend = Proc(
-            "spooky-backend",
-            [str(find_binary("spooky-backend")), "-l", "127.0.0.1:0", "-n", BACKEND_NAME, "-t", "1"],
-            tmp / "backend.log",
-            ready_re=r"listening on 127\.0\.0\.1:(\d+)",
-        )
+        backend, backend_port = start_backend(BACKEND_NAME, tmp / "backend.log")
         procs.append(backend)
-        backend_port = int(backend.wait_ready().group(1))
 
         nginx_dir = tmp / "nginx"
         nginx_dir.mkdir()

@@ -15,7 +15,7 @@ import hashlib
 import pytest
 from aioquic.h3.connection import FrameType, encode_frame
 
-from conftest import Proc, find_binary, spooky_metric, start_spooky
+from conftest import Proc, spooky_metric, start_backend, start_spooky
 from h3client import h3_connect, run
 from test_aioquic import pattern
 
@@ -58,15 +58,9 @@ class Abuse:
 @pytest.fixture(scope="module")
 def abuse(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("abuse")
-    backend = Proc(
-        "spooky-backend",
-        [str(find_binary("spooky-backend")), "-l", "127.0.0.1:0", "-n", "abuse", "-t", "1"],
-        tmp / "backend.log",
-        ready_re=r"listening on 127\.0\.0\.1:(\d+)",
-    )
+    backend, backend_port = start_backend("abuse", tmp / "backend.log")
     procs = [backend]
     try:
-        backend_port = int(backend.wait_ready().group(1))
         cfg = tmp / "spooky.yaml"
         cfg.write_text(
             f"""\
@@ -390,14 +384,9 @@ def two_backends(tmp_path_factory):
     try:
         ports = []
         for name in ("a", "b"):
-            b = Proc(
-                f"backend-{name}",
-                [str(find_binary("spooky-backend")), "-l", "127.0.0.1:0", "-n", name, "-t", "1"],
-                tmp / f"backend-{name}.log",
-                ready_re=r"listening on 127\.0\.0\.1:(\d+)",
-            )
+            b, port = start_backend(name, tmp / f"backend-{name}.log", f"backend-{name}")
             procs.append(b)
-            ports.append(int(b.wait_ready().group(1)))
+            ports.append(port)
         cfg = tmp / "spooky.yaml"
         cfg.write_text(
             f"""\
