@@ -15,6 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 /// Most request-body bytes queued between the edge and the upstream per stream.
 pub const REQUEST_BUFFER: usize = 256 * 1024;
@@ -90,18 +91,18 @@ pub struct Exchange {
     req_blocked: bool,
     /// The upstream no longer wants the request body (it answered or reset the stream).
     pub req_abandoned: bool,
-    /// The pump is done with the request body (sent it all, or gave up).
-    req_forwarded: bool,
-    forwarded_waker: Option<Waker>,
 
     // Upstream → client.
     pub resp_head: Option<http::response::Parts>,
     pub resp_chunks: VecDeque<Bytes>,
     pub resp_buffered: usize,
+    /// Since when response bytes have waited for the client without it accepting any (None
+    /// while nothing waits).
+    resp_waiting_since: Option<Instant>,
     pub resp_end: bool,
     pub resp_trailers: Option<HeaderMap>,
     /// Credit to return to HTTP/2 as QUIC accepts response bytes (None for local responses).
-    pub resp_flow: Option<h2::FlowControl>,
+    pub resp_credit: Option<ResponseCredit>,
     pub failure: Option<Failure>,
     /// The backend the request went to, and how long its response head took.
     pub upstream: Option<std::net::SocketAddr>,
@@ -139,14 +140,13 @@ impl Exchange {
             req_waker: None,
             req_blocked: false,
             req_abandoned: false,
-            req_forwarded: false,
-            forwarded_waker: None,
             resp_head: None,
             resp_chunks: VecDeque::new(),
             resp_buffered: 0,
+            resp_waiting_since: None,
             resp_end: false,
             resp_trailers: None,
-            resp_flow: None,
+            resp_credit: None,
             failure: None,
             upstream: None,
             upstream_time: None,
@@ -248,28 +248,29 @@ impl Exchange {
         Poll::Pending
     }
 
-    /// The pump has finished with the request body (fully sent, or abandoned).
-    pub fn mark_request_forwarded(&mut self) {
-        self.req_forwarded = true;
-        if let Some(w) = self.forwarded_waker.take() {
-            w.wake();
-        }
-    }
-
-    /// Resolves once the request body is fully forwarded (or abandoned).
-    pub fn poll_request_forwarded(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.req_forwarded {
-            return Poll::Ready(());
-        }
-        self.forwarded_waker = Some(cx.waker().clone());
-        Poll::Pending
+    /// The upstream stopped taking the request body (it answered early or reset the stream):
+    /// the edge stops reading it.
+    pub fn abandon_request(&mut self) {
+        self.req_abandoned = true;
+        self.notify_edge();
     }
 
     /// Queues response body bytes from HTTP/2.
     pub fn push_response_chunk(&mut self, chunk: Bytes) {
+        if self.resp_buffered == 0 {
+            self.resp_waiting_since = Some(Instant::now());
+        }
+        if let Some(credit) = self.resp_credit.as_mut() {
+            credit.received(chunk.len());
+        }
         self.resp_buffered += chunk.len();
         self.resp_chunks.push_back(chunk);
         self.notify_edge();
+    }
+
+    /// Since when response bytes have waited for a client that accepted none of them.
+    pub fn response_waiting_since(&self) -> Option<Instant> {
+        self.resp_waiting_since
     }
 
     /// Puts a locally generated complete response (error pages, 404).
@@ -280,7 +281,8 @@ impl Exchange {
         self.resp_buffered = body.len();
         self.resp_chunks.push_back(body);
         self.resp_end = true;
-        self.resp_flow = None;
+        self.resp_waiting_since = None;
+        self.resp_credit = None;
         self.notify_edge();
     }
 
@@ -298,9 +300,45 @@ impl Exchange {
     /// Returns HTTP/2 credit for `n` response bytes that QUIC accepted.
     pub fn consumed_response(&mut self, n: usize) {
         self.resp_buffered -= n;
-        if let Some(flow) = self.resp_flow.as_mut() {
-            // Fails only when the HTTP/2 stream is already gone; nothing to return then.
-            let _ = flow.release_capacity(n);
+        self.resp_waiting_since = (self.resp_buffered > 0).then(Instant::now);
+        if let Some(credit) = self.resp_credit.as_mut() {
+            credit.release(n);
         }
+    }
+}
+
+/// The HTTP/2 flow-control credit of one response: returned to the backend as the client
+/// accepts bytes. It also keeps the count of bytes this response holds against its
+/// connection's receive window, which the pool reads so that it lends a connection only
+/// while it has window left (a few stalled readers could otherwise block every stream on it).
+pub struct ResponseCredit {
+    flow: h2::FlowControl,
+    held: usize,
+    connection_held: Rc<Cell<usize>>,
+}
+
+impl ResponseCredit {
+    pub fn new(flow: h2::FlowControl, connection_held: Rc<Cell<usize>>) -> Self {
+        ResponseCredit { flow, held: 0, connection_held }
+    }
+
+    fn received(&mut self, n: usize) {
+        self.held += n;
+        self.connection_held.set(self.connection_held.get() + n);
+    }
+
+    fn release(&mut self, n: usize) {
+        // Fails only when the HTTP/2 stream is already gone; nothing to return then.
+        let _ = self.flow.release_capacity(n);
+        let n = n.min(self.held);
+        self.held -= n;
+        self.connection_held.set(self.connection_held.get() - n);
+    }
+}
+
+impl Drop for ResponseCredit {
+    /// h2 gives a dropped stream's unreleased bytes back to the connection window.
+    fn drop(&mut self) {
+        self.connection_held.set(self.connection_held.get() - self.held);
     }
 }

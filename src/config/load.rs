@@ -103,6 +103,7 @@ pub(crate) fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
         ("timeouts.request", c.timeouts.request.0),
         ("timeouts.idle", c.timeouts.idle.0),
         ("timeouts.drain", c.timeouts.drain.0),
+        ("timeouts.client_read", c.timeouts.client_read.0),
     ] {
         if d.is_zero() {
             return Err(bad(key, "must be greater than zero"));
@@ -126,6 +127,15 @@ pub(crate) fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
     }
     if !(1..=64).contains(&h2.max_connections_per_backend) {
         return Err(bad("upstream_h2.max_connections_per_backend", "must be 1..=64"));
+    }
+    if h2.max_requests_per_connection == 0 {
+        return Err(bad("upstream_h2.max_requests_per_connection", "must be at least 1"));
+    }
+    if h2.replay_buffer.0 > 16 << 20 {
+        return Err(bad(
+            "upstream_h2.replay_buffer",
+            "must be at most 16MiB (0: only requests without a body are replayed)",
+        ));
     }
     if h2.keepalive_timeout.0.is_zero() {
         return Err(bad("upstream_h2.keepalive_timeout", "must be greater than zero"));

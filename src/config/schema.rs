@@ -269,6 +269,10 @@ pub struct Timeouts {
     /// is slower) does not count against the client. `body_min_rate: 0` turns this off.
     pub body_grace: Seconds,
     pub body_min_rate: ByteSize,
+    /// A response stream whose client accepts none of the bytes waiting for it for this long
+    /// is reset (H3_REQUEST_CANCELLED), so a reader that stopped cannot hold upstream window
+    /// and buffers forever.
+    pub client_read: Seconds,
 }
 
 impl Default for Timeouts {
@@ -280,6 +284,7 @@ impl Default for Timeouts {
             drain: Seconds(Duration::from_secs(10)),
             body_grace: Seconds(Duration::from_secs(10)),
             body_min_rate: ByteSize(1024),
+            client_read: Seconds(Duration::from_secs(60)),
         }
     }
 }
@@ -319,10 +324,17 @@ pub struct UpstreamH2 {
     pub max_frame_size: ByteSize,
     /// Connections per backend per worker, opened when the existing ones have no free stream.
     pub max_connections_per_backend: usize,
+    /// Requests one connection carries before it retires (in-flight ones finish on it): below
+    /// the 1000 after which stock nginx and hypercorn end a connection themselves.
+    pub max_requests_per_connection: usize,
     /// How often an idle or busy connection is PINGed (0 turns keepalive off).
     pub keepalive_interval: Seconds,
     /// How long a PING may go unanswered before the connection is closed.
     pub keepalive_timeout: Seconds,
+    /// Request-body bytes held per request so that a stream the backend did not process
+    /// (REFUSED_STREAM, above a GOAWAY's last stream id) can be sent again on another
+    /// connection. A body that outgrew it before such a refusal gets 502 instead.
+    pub replay_buffer: ByteSize,
 }
 
 impl Default for UpstreamH2 {
@@ -332,8 +344,10 @@ impl Default for UpstreamH2 {
             connection_window: ByteSize(16 << 20),
             max_frame_size: ByteSize(64 << 10),
             max_connections_per_backend: 4,
+            max_requests_per_connection: 1000,
             keepalive_interval: Seconds(Duration::from_secs(30)),
             keepalive_timeout: Seconds(Duration::from_secs(10)),
+            replay_buffer: ByteSize(64 << 10),
         }
     }
 }

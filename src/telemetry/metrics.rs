@@ -21,6 +21,8 @@
 //! | `spooky_quic_rtt_seconds`, `spooky_quic_cwnd_bytes` | histogram | sampled from quiche when a connection closes |
 //! | `spooky_quic_packets_lost_total`, `spooky_quic_packets_retransmitted_total` | counter | worker |
 //! | `spooky_upstream_connects_total`, `spooky_upstream_failures_total{status}`, `spooky_upstream_resets_total`, `spooky_upstream_retries_total`, `spooky_requests_cancelled_total` | counter | |
+//! | `spooky_upstream_replays_total` | counter | outcome — unprocessed streams sent again (`refused_stream`, `goaway`, `connection_closing`) or not (`body_not_held`, `exhausted`) |
+//! | `spooky_client_read_timeouts_total` | counter | response streams reset after `timeouts.client_read` without the client accepting a byte |
 //! | `spooky_reloads_total` | counter | result (`ok`, `invalid`, `restart_required`) |
 //! | `spooky_config_version` | gauge | |
 //! | `spooky_access_log_dropped_total` | counter | |

@@ -290,6 +290,15 @@ impl Client {
         Ok(results.into_iter().map(|r| r.expect("every request finished")).collect())
     }
 
+    /// Sends a request without a body and never reads its response: nothing more happens on
+    /// this connection until the client is used again, so the response stays unread at the
+    /// server, held back by QUIC flow control (a reader that stopped, for tests).
+    pub fn send_unread(&mut self, req: Request) -> Result<(), Error> {
+        let mut pending = VecDeque::from([(0, req)]);
+        self.start_requests(&mut pending, &mut HashMap::new())?;
+        self.flush_conn()
+    }
+
     /// The server's leaf certificate (DER), as presented in the handshake.
     pub fn peer_cert(&self) -> Option<Vec<u8>> {
         self.conn.peer_cert().map(<[u8]>::to_vec)

@@ -1,32 +1,40 @@
 //! Carries one request upstream and its response back, as a task on the worker's runtime.
 //!
 //! Per attempt: select a backend ([`super::select`]) → get its HTTP/2 connection → wait for a
-//! stream slot → send the head → (request body pumped by its own task, so upload and download
-//! overlap) → await the response head → stream the body → trailers.
+//! stream slot → send the head → (request body pumped alongside, so upload and download
+//! overlap: [`super::upload`]) → await the response head → stream the body → trailers.
+//!
+//! A stream the backend did not process — refused (REFUSED_STREAM), above a GOAWAY's last
+//! stream id, or never opened because the connection stopped taking streams — is sent again
+//! on a fresh stream, transparently and whatever the method (RFC 9113 §8.7: nothing happened
+//! at the backend), as long as the whole body sent so far is still held; a backend that keeps
+//! refusing ends the attempt after [`MAX_REPLAYS`] such sends. Stock servers need this:
+//! nginx and hypercorn end every HTTP/2 connection with GOAWAY after 1000 requests.
 //!
 //! Failures before the response head are retried when the route's policy asks for it and it
 //! is safe: connect failures and refused streams always are (nothing reached the backend);
 //! resets, timeouts and retryable statuses only for idempotent requests without a body.
 //! Retries go to a backend not tried yet (a refused stream may retry on the same one) and
 //! must fit the worker's retry budget. What is not retried becomes a local response: 502
-//! (refused, reset, broken), 503 (circuit open, no backend), 504 (no answer in time). After the head, failures reset the client's stream, so a
-//! truncated body can never pass for a complete one.
+//! (refused, reset, broken), 503 (circuit open, no backend), 504 (no answer in time). After
+//! the head, failures reset the client's stream, so a truncated body can never pass for a
+//! complete one.
 
 use super::pool::{self, Pooled};
 use super::select::{self, Selection};
+use super::upload::{self, Sent, Upload};
 use super::{InFlight, LoadGuard, Upstreams};
-use crate::bridge::exchange::{Failure, RequestItem, SharedExchange, Waiter};
+use crate::bridge::exchange::{Failure, ResponseCredit, SharedExchange, Waiter};
 use crate::bridge::h3_error;
 use crate::config::{Config, HashKey, Retries, RetryOn, Route};
-use bytes::Bytes;
-use h2::{RecvStream, SendStream};
+use h2::RecvStream;
 use http::{Method, Response, StatusCode};
 use std::cell::Cell;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// A route's upstream policy, shared by its requests.
@@ -71,11 +79,16 @@ pub async fn forward(up: Rc<Upstreams>, ex: SharedExchange, out: Outbound) {
     .await;
     // Dropping `work` drops the h2 response handles, which resets the upstream stream. The
     // work may also have ended first, on the upstream reset the body pump sent on seeing the
-    // cancellation: either way the client cancelled.
-    if !finished || ex.borrow().is_cancelled() {
+    // cancellation: either way the client cancelled — unless the whole response had been
+    // handed over (the edge ends every stream it is done with this way).
+    let x = ex.borrow();
+    if (!finished || x.is_cancelled()) && !x.resp_end {
         metrics::counter!("spooky_requests_cancelled_total").increment(1);
     }
 }
+
+/// Sends of one attempt's request that the backend did not process, after the first.
+const MAX_REPLAYS: u32 = 8;
 
 /// How one attempt ended, when it did not deliver a response to the client.
 struct Failed {
@@ -109,6 +122,7 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
         headers: &parts.headers,
     };
     let deadline = Instant::now() + policy.request_timeout;
+    let mut upload = Upload::new(up.replay_buffer);
     let mut tried = Vec::new();
     let mut _retrying = None;
     let mut last_failure: Option<Failed> = None;
@@ -136,24 +150,18 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
         ex.borrow_mut().upstream = Some(addr);
         let may_retry = attempt < attempts && up.retry_allowed(policy.retries.budget_percent);
         let retry_status = may_retry && replayable;
-        let failed = match attempt_once(
-            up,
-            ex,
-            &parts,
-            has_body,
-            (pool, backend, addr),
-            &policy,
-            deadline,
-            retry_status,
-        )
-        .await
-        {
-            None => return,
-            // The failure is the client's doing (it reset the request): not the backend's.
-            Some(_) if ex.borrow().is_cancelled() => return,
-            Some(f) => f,
-        };
-        let safe = matches!(failed.kind, Kind::Retry(RetryOn::ConnectFailure | RetryOn::RefusedStream)) || replayable;
+        let target = (pool, backend, addr);
+        let failed =
+            match attempt_once(up, ex, &parts, has_body, &mut upload, target, &policy, deadline, retry_status).await {
+                None => return,
+                // The failure is the client's doing (it reset the request): not the backend's.
+                Some(_) if ex.borrow().is_cancelled() => return,
+                Some(f) => f,
+            };
+        // Nothing reached a backend on a failed connect or a refused stream, but a body may
+        // only go out again if all of it that any stream was given is still held.
+        let unprocessed = matches!(failed.kind, Kind::Retry(RetryOn::ConnectFailure | RetryOn::RefusedStream));
+        let safe = (unprocessed && upload.replayable()) || replayable;
         let wanted = match failed.kind {
             Kind::Retry(on) => policy.retries.on.contains(&on),
             Kind::Status => true,
@@ -175,72 +183,143 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
     unreachable!("the last attempt always returns");
 }
 
-/// One attempt on `target` (pool, backend, address). `None` when a response reached the
-/// client (fully, or until a reset after its head); otherwise why not.
+/// One attempt on `target` (pool, backend, address): the request goes out on a stream, and
+/// again on a fresh one (up to [`MAX_REPLAYS`] times) whenever the backend did not process it.
+/// `None` when a response reached the client (fully, or until a reset after its head);
+/// otherwise why not.
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once(
     up: &Upstreams,
     ex: &SharedExchange,
     parts: &http::request::Parts,
     has_body: bool,
+    upload: &mut Upload,
     (pool, backend, addr): (usize, usize, SocketAddr),
     policy: &RoutePolicy,
     deadline: Instant,
     retry_status: bool,
 ) -> Option<Failed> {
-    // Outlier detection hears of every failure except a refused stream (not processed) and
-    // one the client cancelled (the body pump reset it upstream): neither says anything about
-    // the backend.
-    let failed = |kind: RetryOn, status: StatusCode, detail: String| {
-        if kind != RetryOn::RefusedStream && !ex.borrow().is_cancelled() {
-            up.record_health(pool, backend, true);
+    let mut replays = 0;
+    loop {
+        let why =
+            match stream_once(up, ex, parts, has_body, upload, (pool, backend, addr), policy, deadline, retry_status)
+                .await
+            {
+                Streamed::Delivered => return None,
+                Streamed::Failed(failed) => {
+                    // Outlier detection hears of every failure except one the client caused by
+                    // cancelling (the body pump reset it upstream); a retried status was
+                    // recorded with its response.
+                    if matches!(failed.kind, Kind::Retry(_)) && !ex.borrow().is_cancelled() {
+                        up.record_health(pool, backend, true);
+                    }
+                    return Some(failed);
+                }
+                Streamed::Unprocessed(why) => why,
+            };
+        let detail = format!("{addr}: {}", why.as_str());
+        if !upload.replayable() {
+            metrics::counter!("spooky_upstream_replays_total", "outcome" => "body_not_held").increment(1);
+            tracing::info!(%addr, why = why.as_str(), limit = up.replay_buffer, "unprocessed request not replayed: its body outgrew the replay buffer");
+            return Some(Failed {
+                kind: Kind::Retry(RetryOn::RefusedStream),
+                status: StatusCode::BAD_GATEWAY,
+                detail: format!("{detail}; the request body outgrew the replay buffer"),
+            });
         }
-        Some(Failed { kind: Kind::Retry(kind), status, detail })
+        if replays == MAX_REPLAYS || Instant::now() >= deadline {
+            metrics::counter!("spooky_upstream_replays_total", "outcome" => "exhausted").increment(1);
+            return Some(Failed { kind: Kind::Retry(RetryOn::RefusedStream), status: StatusCode::BAD_GATEWAY, detail });
+        }
+        replays += 1;
+        metrics::counter!("spooky_upstream_replays_total", "outcome" => why.as_str()).increment(1);
+        tracing::debug!(%addr, why = why.as_str(), replays, "sending an unprocessed request again");
+    }
+}
+
+/// Why the backend did not process a stream (so sending it again is safe, whatever the method).
+#[derive(Clone, Copy)]
+enum Unprocessed {
+    /// The connection no longer opened streams (GOAWAY received, or it closed) when the
+    /// request was to go out.
+    ConnectionClosing,
+    /// RST_STREAM(REFUSED_STREAM).
+    Refused,
+    /// The stream was above the last stream id of a GOAWAY.
+    AboveGoaway,
+}
+
+impl Unprocessed {
+    fn as_str(self) -> &'static str {
+        match self {
+            Unprocessed::ConnectionClosing => "connection_closing",
+            Unprocessed::Refused => "refused_stream",
+            Unprocessed::AboveGoaway => "goaway",
+        }
+    }
+}
+
+/// How one stream of an attempt ended.
+enum Streamed {
+    Delivered,
+    Unprocessed(Unprocessed),
+    Failed(Failed),
+}
+
+/// The request on one HTTP/2 stream, and its response back to the client.
+#[allow(clippy::too_many_arguments)]
+async fn stream_once(
+    up: &Upstreams,
+    ex: &SharedExchange,
+    parts: &http::request::Parts,
+    has_body: bool,
+    upload: &mut Upload,
+    (pool, backend, addr): (usize, usize, SocketAddr),
+    policy: &RoutePolicy,
+    deadline: Instant,
+    retry_status: bool,
+) -> Streamed {
+    let failed = |kind: RetryOn, status: StatusCode, detail: String| {
+        Streamed::Failed(Failed { kind: Kind::Retry(kind), status, detail })
     };
-    let (response, body_tx, _conn) = {
+    let (response, body_tx, conn) = {
         let _pending = LoadGuard::pending(up, pool, backend);
-        // A pooled connection can turn out dead (closed, GOAWAY) when a stream is opened on it.
-        // Nothing reached the backend then, so one reconnect is always safe (and not a retry).
-        let mut reconnected = false;
-        loop {
-            let conn: Pooled = match pool::connection(&up.connections, addr, up.pools[pool].tls.as_ref()).await {
-                Ok(c) => c,
-                Err(e) => return failed(RetryOn::ConnectFailure, e.status(), format!("{addr}: {e}")),
-            };
-            let req = http::Request::from_parts(clone_parts(parts), ());
-            let sent = match conn.sender.clone().ready().await {
-                Ok(mut sender) => sender.send_request(req, !has_body),
-                Err(e) => Err(e),
-            };
-            match sent {
-                Ok((response, body_tx)) => break (response, body_tx, conn),
-                Err(e) if !reconnected => {
-                    tracing::debug!(%addr, error = %e, "pooled upstream connection unusable, reconnecting");
-                    up.connections.borrow_mut().forget(&conn);
-                    reconnected = true;
-                }
-                Err(e) => {
-                    return failed(
-                        RetryOn::RefusedStream,
-                        StatusCode::BAD_GATEWAY,
-                        format!("{addr} refused the stream: {e}"),
-                    )
-                }
+        let conn: Pooled = match pool::connection(&up.connections, addr, up.pools[pool].tls.as_ref()).await {
+            Ok(c) => c,
+            Err(e) => return failed(RetryOn::ConnectFailure, e.status(), format!("{addr}: {e}")),
+        };
+        let req = http::Request::from_parts(clone_parts(parts), ());
+        let sent = match conn.sender.clone().ready().await {
+            Ok(mut sender) => sender.send_request(req, !has_body),
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok((response, body_tx)) => (response, body_tx, conn),
+            // h2 opens no stream on a connection that got GOAWAY or failed: nothing was sent.
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "pooled upstream connection takes no new streams");
+                up.connections.borrow_mut().forget(&conn);
+                return Streamed::Unprocessed(Unprocessed::ConnectionClosing);
             }
         }
     };
     let mut active = LoadGuard::active(up, pool, backend);
-    // The balancer hears how the attempt ended; a cancelled one only leaves (guard's drop).
+    // The balancer hears how the stream ended; a cancelled one only leaves (guard's drop).
     let mut ended = |latency: Duration, ok: bool| {
         if !ex.borrow().is_cancelled() {
             active.end(latency, ok);
         }
     };
     let sent_at = Instant::now();
-    let upload_progress = Rc::new(Cell::new(sent_at));
-    if has_body {
-        monoio::spawn(pump_request_body(ex.clone(), body_tx, upload_progress.clone()));
-    }
+    let upload_progress = Cell::new(sent_at);
+    let body = async {
+        if has_body {
+            upload::pump(ex, body_tx, upload, &upload_progress).await
+        } else {
+            Sent::Complete
+        }
+    };
+    let mut pump = Pump { body: pin!(body), sent: None };
 
     // The head timeout starts once the request is fully sent, as in Envoy: an upload of any
     // length is never cut short by it (a stalled client is bounded by the QUIC idle timeout).
@@ -248,13 +327,20 @@ async fn attempt_once(
     // window for that long): otherwise such an upload would wait for capacity forever.
     let mut response = pin!(response);
     let mut early = None;
-    while has_body && early.is_none() {
+    while early.is_none() {
+        pump.poll_now();
+        if pump.sent.is_some() {
+            break;
+        }
         let progress = upload_progress.get();
         let mut stall = pin!(monoio::time::sleep_until((progress + policy.per_try_timeout).into()));
-        let woke = poll_fn(|cx| match response.as_mut().poll(cx) {
-            Poll::Ready(r) => Poll::Ready(Some(Some(r))),
-            Poll::Pending if ex.borrow_mut().poll_request_forwarded(cx).is_ready() => Poll::Ready(Some(None)),
-            Poll::Pending => stall.as_mut().poll(cx).map(|()| None),
+        let woke = poll_fn(|cx| {
+            pump.poll(cx);
+            match response.as_mut().poll(cx) {
+                Poll::Ready(r) => Poll::Ready(Some(Some(r))),
+                Poll::Pending if pump.sent.is_some() => Poll::Ready(Some(None)),
+                Poll::Pending => stall.as_mut().poll(cx).map(|()| None),
+            }
         })
         .await;
         match woke {
@@ -277,7 +363,7 @@ async fn attempt_once(
             let now = Instant::now();
             let limit =
                 policy.per_try_timeout.min(deadline.saturating_duration_since(now)).max(Duration::from_millis(1));
-            match monoio::time::timeout(limit, response).await {
+            match monoio::time::timeout(limit, pump.alongside(response.as_mut())).await {
                 Err(_) => {
                     ended(Duration::ZERO, false);
                     return failed(
@@ -293,7 +379,13 @@ async fn attempt_once(
     let response = match result {
         Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
             ended(Duration::ZERO, true);
-            return failed(RetryOn::RefusedStream, StatusCode::BAD_GATEWAY, format!("{addr} refused the stream"));
+            return Streamed::Unprocessed(Unprocessed::Refused);
+        }
+        // h2 fails exactly the streams above a GOAWAY's last stream id with the peer's GOAWAY
+        // (the others go on, or fail with the connection's I/O error).
+        Err(e) if e.is_go_away() && e.is_remote() => {
+            ended(Duration::ZERO, true);
+            return Streamed::Unprocessed(Unprocessed::AboveGoaway);
         }
         Err(e) => {
             ended(Duration::ZERO, false);
@@ -308,41 +400,126 @@ async fn attempt_once(
     up.record_health(pool, backend, gateway_failure);
     if retry_status && policy.retries.statuses.contains(&status.as_u16()) {
         // Dropping the response resets the upstream stream; the client sees the next attempt.
-        return Some(Failed { kind: Kind::Status, status, detail: format!("{addr} answered {status}") });
+        return Streamed::Failed(Failed { kind: Kind::Status, status, detail: format!("{addr} answered {status}") });
     }
     ex.borrow_mut().upstream_time = Some(latency);
-    stream_response(up, ex, response).await;
-    None
+    stream_response(up, ex, response, conn.held_bytes(), &mut pump).await;
+    // The response is complete: the body goes on until the backend has it or stops taking it.
+    if pump.finish().await == Sent::Refused {
+        ex.borrow_mut().abandon_request();
+    }
+    Streamed::Delivered
 }
 
-/// Hands the response head to the edge and streams the body and trailers after it.
-async fn stream_response(up: &Upstreams, ex: &SharedExchange, response: Response<RecvStream>) {
+/// A stream's request-body pump, polled alongside whatever the stream awaits: it is dropped
+/// with the stream, so a later stream of the request never races it for the body.
+struct Pump<F> {
+    body: Pin<F>,
+    sent: Option<Sent>,
+}
+
+impl<F: std::ops::DerefMut<Target: Future<Output = Sent>>> Pump<F> {
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        if self.sent.is_none() {
+            if let Poll::Ready(sent) = self.body.as_mut().poll(cx) {
+                self.sent = Some(sent);
+            }
+        }
+    }
+
+    /// Polls once without a waker of its own: the next `poll` registers one.
+    fn poll_now(&mut self) {
+        self.poll(&mut Context::from_waker(futures::task::noop_waker_ref()));
+    }
+
+    /// Awaits `fut` while the pump runs on.
+    async fn alongside<T>(&mut self, fut: impl Future<Output = T>) -> T {
+        let mut fut = pin!(fut);
+        poll_fn(|cx| {
+            self.poll(cx);
+            fut.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Runs the pump to its end.
+    async fn finish(&mut self) -> Sent {
+        poll_fn(|cx| {
+            self.poll(cx);
+            self.sent.map_or(Poll::Pending, Poll::Ready)
+        })
+        .await
+    }
+}
+
+/// Hands the response head to the edge and streams the body and trailers after it. A client
+/// that accepts none of the waiting bytes for `timeouts.client_read` gets its stream reset.
+async fn stream_response<F: std::ops::DerefMut<Target: Future<Output = Sent>>>(
+    up: &Upstreams,
+    ex: &SharedExchange,
+    response: Response<RecvStream>,
+    connection_held: Rc<Cell<usize>>,
+    pump: &mut Pump<F>,
+) {
     let (head, mut body) = response.into_parts();
     {
         let mut x = ex.borrow_mut();
         x.resp_head = Some(head);
-        x.resp_flow = Some(body.flow_control().clone());
+        x.resp_credit = Some(ResponseCredit::new(body.flow_control().clone(), connection_held));
         x.notify_edge();
     }
     loop {
-        let next = monoio::time::timeout(up.body_idle_timeout, body.data()).await;
+        let waiting_since = ex.borrow().response_waiting_since();
+        let limit = match waiting_since {
+            Some(since) => up.client_read.saturating_sub(since.elapsed()).min(up.body_idle_timeout),
+            None => up.body_idle_timeout,
+        };
+        let next = monoio::time::timeout(limit, pump.alongside(body.data())).await;
         match next {
-            // A stall is the backend's fault only when the client is keeping up.
-            Err(_) if ex.borrow().resp_buffered > 0 => continue,
-            Err(_) => return reset(ex, "upstream body stalled"),
+            Err(_) => match waited(ex) {
+                Some(waited) if waited >= up.client_read => return client_stalled(ex),
+                // A stall is the backend's fault only when the client is keeping up.
+                Some(_) => continue,
+                None if waiting_since.is_some() => continue,
+                None => return reset(ex, "upstream body stalled"),
+            },
             Ok(None) => break,
             Ok(Some(Ok(chunk))) if chunk.is_empty() => {}
             Ok(Some(Ok(chunk))) => ex.borrow_mut().push_response_chunk(chunk),
             Ok(Some(Err(e))) => return reset(ex, &format!("upstream body failed: {e}")),
         }
     }
-    let trailers = match body.trailers().await {
+    let trailers = match pump.alongside(body.trailers()).await {
         Ok(t) => t,
         Err(e) => return reset(ex, &format!("upstream trailers failed: {e}")),
     };
+    {
+        let mut x = ex.borrow_mut();
+        x.resp_trailers = trailers;
+        x.resp_end = true;
+        x.notify_edge();
+    }
+    // The last bytes wait for the client with no upstream read to time: bound them too.
+    while let Some(waited) = waited(ex).filter(|_| !ex.borrow().is_cancelled()) {
+        if waited >= up.client_read {
+            return client_stalled(ex);
+        }
+        monoio::time::sleep(up.client_read - waited).await;
+    }
+}
+
+/// How long response bytes have waited for a client that accepts none of them.
+fn waited(ex: &SharedExchange) -> Option<Duration> {
+    ex.borrow().response_waiting_since().map(|since| since.elapsed())
+}
+
+/// The client accepted nothing for `timeouts.client_read`: its stream is reset, which also
+/// gives the upstream window its bytes hold back.
+fn client_stalled(ex: &SharedExchange) {
+    tracing::debug!("resetting a response stream whose client stopped reading");
+    metrics::counter!("spooky_client_read_timeouts_total").increment(1);
     let mut x = ex.borrow_mut();
-    x.resp_trailers = trailers;
-    x.resp_end = true;
+    x.failure = Some(Failure::Reset(h3_error::REQUEST_CANCELLED));
     x.notify_edge();
 }
 
@@ -388,63 +565,5 @@ fn reset(ex: &SharedExchange, why: &str) {
     metrics::counter!("spooky_upstream_resets_total").increment(1);
     let mut x = ex.borrow_mut();
     x.failure = Some(Failure::Reset(h3_error::INTERNAL_ERROR));
-    x.notify_edge();
-}
-
-/// Moves request body chunks from the exchange into the HTTP/2 stream, never sending more than
-/// the peer's flow-control window allows.
-/// Each chunk the backend takes moves `progress` on.
-async fn pump_request_body(ex: SharedExchange, mut tx: SendStream<Bytes>, progress: Rc<Cell<Instant>>) {
-    loop {
-        let item = poll_fn(|cx| ex.borrow_mut().poll_request_item(cx)).await;
-        let sent = match item {
-            RequestItem::Chunk(mut data) => {
-                let mut result = Ok(());
-                while !data.is_empty() && result.is_ok() {
-                    tx.reserve_capacity(data.len());
-                    result = match wait_capacity(&ex, &mut tx).await {
-                        Some(n) => tx.send_data(data.split_to(n.min(data.len())), false),
-                        None => Err(h2::Error::from(h2::Reason::CANCEL)),
-                    };
-                    progress.set(Instant::now());
-                }
-                result
-            }
-            RequestItem::End(Some(trailers)) => return finish(&ex, tx.send_trailers(trailers)),
-            RequestItem::End(None) => return finish(&ex, tx.send_data(Bytes::new(), true)),
-            RequestItem::Cancelled => {
-                tx.send_reset(h2::Reason::CANCEL);
-                return ex.borrow_mut().mark_request_forwarded();
-            }
-        };
-        if sent.is_err() {
-            return abandon(&ex);
-        }
-    }
-}
-
-/// Waits for send capacity; `None` when the stream is gone or the exchange was cancelled.
-async fn wait_capacity(ex: &SharedExchange, tx: &mut SendStream<Bytes>) -> Option<usize> {
-    poll_fn(|cx| {
-        if ex.borrow_mut().poll_cancelled(cx, Waiter::BodyPump).is_ready() {
-            return Poll::Ready(None);
-        }
-        crate::runtime::poll_send_capacity(tx, cx)
-    })
-    .await
-}
-
-fn finish(ex: &SharedExchange, r: Result<(), h2::Error>) {
-    if r.is_err() {
-        return abandon(ex);
-    }
-    ex.borrow_mut().mark_request_forwarded();
-}
-
-/// The upstream stopped accepting the body (it answered early or reset): the edge stops reading.
-fn abandon(ex: &SharedExchange) {
-    let mut x = ex.borrow_mut();
-    x.req_abandoned = true;
-    x.mark_request_forwarded();
     x.notify_edge();
 }

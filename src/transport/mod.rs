@@ -1,11 +1,12 @@
 //! The HTTP/2 upstream side of a worker.
 //!
-//! - [`pool`]: one lazily opened, multiplexed HTTP/2 (h2c) connection per backend, replaced
-//!   when it closes or is GOAWAY'd; stream concurrency bounded by the server's
-//!   `SETTINGS_MAX_CONCURRENT_STREAMS` (h2 waits in `ready()`).
+//! - [`pool`]: lazily opened, multiplexed HTTP/2 connections per backend, lent while they have
+//!   stream slots and receive window, replaced the moment they stop taking streams (GOAWAY).
 //! - [`forward`]: the task that carries one request upstream and its response back into the
-//!   request's [`crate::bridge::exchange::Exchange`], with retries where they are safe, and
-//!   failures mapped to 502/503/504 or stream resets.
+//!   request's [`crate::bridge::exchange::Exchange`], sending again what a backend did not
+//!   process, with retries where they are safe, and failures mapped to 502/503/504 or stream
+//!   resets.
+//! - [`upload`]: the request-body pump of one stream, and the replay buffer behind it.
 //! - [`select`]: which backend an attempt goes to — balancer pick over the backends that are
 //!   healthy, not ejected and under their circuit-breaker limits, then the fallback pool.
 
@@ -13,6 +14,7 @@ pub mod forward;
 pub mod pool;
 pub mod select;
 pub mod tls;
+pub mod upload;
 
 use crate::config::{Config, HashKey};
 use crate::health::outlier::OutlierDetector;
@@ -33,6 +35,10 @@ pub struct Upstreams {
     /// connections to backends that stay are reused.
     pub connections: Rc<RefCell<pool::ConnectionPool>>,
     pub body_idle_timeout: Duration,
+    /// `timeouts.client_read`: how long a response may wait for a client that reads nothing.
+    pub client_read: Duration,
+    /// `upstream_h2.replay_buffer`: request-body bytes held for sending an unprocessed stream again.
+    pub replay_buffer: usize,
     /// The latest verdicts of active health checking (shared across snapshots).
     pub health: Rc<RefCell<Arc<HealthView>>>,
     load: RefCell<Vec<Vec<Load>>>,
@@ -100,6 +106,8 @@ impl Upstreams {
             balancers: RefCell::new(balancers),
             connections,
             body_idle_timeout: config.timeouts.idle.0,
+            client_read: config.timeouts.client_read.0,
+            replay_buffer: config.upstream_h2.replay_buffer.0 as usize,
             health: previous.map(|p| p.health.clone()).unwrap_or_default(),
             load: RefCell::new(load),
             outliers: RefCell::new(outliers),

@@ -1,11 +1,19 @@
 //! Per-worker pool of HTTP/2 connections to each backend, opened on first use.
 //!
-//! A request takes the first live connection with a free stream slot (fewer of our requests
-//! in flight than the server's `SETTINGS_MAX_CONCURRENT_STREAMS`); when all are full a new
-//! connection opens, up to `upstream_h2.max_connections_per_backend`; beyond that the least
-//! loaded one is used and h2 queues the stream until a slot frees. Connections that close or
-//! are GOAWAY'd drop out (requests in flight on a GOAWAY'd connection finish). A keepalive
-//! PING every `keepalive_interval` closes a connection whose peer stopped answering.
+//! A request takes the first live connection that has a free stream slot (fewer of our
+//! requests in flight than the server's `SETTINGS_MAX_CONCURRENT_STREAMS`) and receive window
+//! left (responses whose clients read slowly hold less than the connection window minus one
+//! stream window); when none does a new connection opens, up to
+//! `upstream_h2.max_connections_per_backend`; beyond that the one with the most window left is
+//! used and h2 queues the stream until a slot frees. A connection drops out of the pool the
+//! moment it stops taking new streams — a GOAWAY was received (h2 then refuses new streams on
+//! it) or it closed — so the next request opens its replacement while the requests in flight
+//! on the old one finish. A connection also retires after `max_requests_per_connection`
+//! requests (1000, as nginx's own upstream keepalive does), before stock backends reach their
+//! limit and end it themselves: hypercorn (hyper-h2) treats every frame that arrives after its
+//! GOAWAY, even for streams it is still serving, as a protocol error and drops the connection
+//! with them. A keepalive PING every `keepalive_interval` closes a connection whose
+//! peer stopped answering.
 
 use super::tls::TlsUpstream;
 use crate::config::UpstreamTls;
@@ -19,7 +27,7 @@ use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// HTTP/2 client settings.
@@ -30,6 +38,7 @@ pub struct Settings {
     pub connection_window: u32,
     pub max_frame_size: u32,
     pub max_connections: usize,
+    pub max_requests: usize,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
 }
@@ -43,6 +52,7 @@ impl Settings {
             connection_window: h2.connection_window.0 as u32,
             max_frame_size: h2.max_frame_size.0 as u32,
             max_connections: h2.max_connections_per_backend,
+            max_requests: h2.max_requests_per_connection,
             keepalive_interval: h2.keepalive_interval.0,
             keepalive_timeout: h2.keepalive_timeout.0,
         }
@@ -82,11 +92,31 @@ struct Conn {
     alive: Rc<Cell<bool>>,
     /// Our requests in flight on it.
     in_flight: Rc<Cell<usize>>,
+    /// Requests it was lent for, ever.
+    lent: Rc<Cell<usize>>,
+    /// Response bytes received on it that their clients have not accepted yet: they hold the
+    /// connection's receive window (see [`crate::bridge::exchange::ResponseCredit`]).
+    held: Rc<Cell<usize>>,
 }
 
 impl Conn {
     fn has_free_slot(&self) -> bool {
         self.in_flight.get() < self.sender.current_max_send_streams()
+    }
+
+    /// Whether a new stream could still get a whole stream window of response.
+    fn has_window(&self, s: &Settings) -> bool {
+        self.held.get() + s.stream_window as usize <= s.connection_window as usize
+    }
+
+    /// Whether it may carry another request: false once it carried `max_requests`, the peer
+    /// sent GOAWAY, or the connection failed (h2 opens no stream then; a fresh handle has no
+    /// stream pending, so asking never registers the waker).
+    fn takes_streams(&self, s: &Settings) -> bool {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        self.alive.get()
+            && self.lent.get() < s.max_requests
+            && matches!(self.sender.clone().poll_ready(&mut cx), Poll::Ready(Ok(())))
     }
 }
 
@@ -99,7 +129,13 @@ pub struct Pooled {
 impl Pooled {
     fn lend(conn: &Conn) -> Self {
         conn.in_flight.set(conn.in_flight.get() + 1);
+        conn.lent.set(conn.lent.get() + 1);
         Pooled { sender: conn.sender.clone(), conn: conn.clone() }
+    }
+
+    /// The connection's count of response bytes held against its window.
+    pub fn held_bytes(&self) -> Rc<Cell<usize>> {
+        self.conn.held.clone()
     }
 }
 
@@ -161,8 +197,8 @@ pub async fn connection(
             let mut p = pool.borrow_mut();
             let settings = p.settings;
             let slot = p.slots.entry(key.clone()).or_default();
-            slot.conns.retain(|c| c.alive.get());
-            if let Some(c) = slot.conns.iter().find(|c| c.has_free_slot()) {
+            slot.conns.retain(|c| c.takes_streams(&settings));
+            if let Some(c) = slot.conns.iter().find(|c| c.has_free_slot() && c.has_window(&settings)) {
                 return Ok(Pooled::lend(c));
             }
             match &slot.connecting {
@@ -174,7 +210,11 @@ pub async fn connection(
                     f
                 }
                 None => {
-                    let least = slot.conns.iter().min_by_key(|c| c.in_flight.get()).expect("at the limit: not empty");
+                    let least = slot
+                        .conns
+                        .iter()
+                        .min_by_key(|c| (c.held.get(), c.in_flight.get()))
+                        .expect("at the limit: not empty");
                     return Ok(Pooled::lend(least));
                 }
             }
@@ -261,7 +301,7 @@ where
         }
         flag.set(false);
     });
-    Ok(Conn { sender, alive, in_flight: Rc::new(Cell::new(0)) })
+    Ok(Conn { sender, alive, in_flight: Rc::default(), lent: Rc::default(), held: Rc::default() })
 }
 
 /// Resolves when a PING goes unanswered for `timeout` (never, when keepalive is off).

@@ -101,3 +101,69 @@ routes:
     }
     assert_eq!(c.request(Request::get("/insecure/x")).unwrap().status, 200);
 }
+
+/// Clients that stop reading must not stall the others that share their pooled HTTP/2
+/// connection: each unread response holds up to a stream window of the connection's receive
+/// window, so the pool lends a connection only while it has a stream window left, and a
+/// response whose client accepts nothing for `timeouts.client_read` is reset.
+#[test]
+fn clients_that_stop_reading_do_not_stall_the_others() {
+    use spooky::tools::h3client::{Client, Options};
+    use std::time::{Duration, Instant};
+    const STALLED: usize = 32;
+    let b = Backend::start("b");
+    // One worker, so every stalled response shares the normal client's pool.
+    let spooky = Spooky::start(&format!(
+        "{}timeouts: {{ client_read: 10s }}\nupstreams:\n  main:\n    backends: [{{ address: \"{}\" }}]\nroutes: [{{ upstream: main }}]\n",
+        PREAMBLE.replace("workers: 2", "workers: 1"),
+        b.addr
+    ));
+    // A normal request that waited for the stalled ones to be reset would fail here first.
+    let mut normal = spooky.client_with(Options { timeout: Duration::from_secs(5), ..Options::default() });
+    let warm = |c: &mut Client| {
+        let started = Instant::now();
+        let r = c.request(Request::get("/bytes/1000")).unwrap();
+        assert_eq!((r.status, r.body_len), (200, 1000));
+        started.elapsed()
+    };
+    let baseline: Vec<Duration> = (0..50).map(|_| warm(&mut normal)).collect();
+    let (rss_before, _) = spooky.rss();
+    let mut stalled: Vec<Client> =
+        (0..STALLED).map(|_| Client::connect(spooky.addr, Options::default()).unwrap()).collect();
+    for c in &mut stalled {
+        c.send_unread(Request::get("/bytes/4194304")).unwrap();
+    }
+    // Let the stalled responses fill what they can: their windows, QUIC's and HTTP/2's.
+    std::thread::sleep(Duration::from_millis(500));
+    let during: Vec<Duration> = (0..200).map(|_| warm(&mut normal)).collect();
+    let (rss_during, _) = spooky.rss();
+    assert_eq!(
+        metric_sum(&spooky.metrics(), "spooky_client_read_timeouts_total", &[]),
+        0.0,
+        "the normal client was served while every stalled response still held its windows"
+    );
+    // Past client_read every stalled response is reset, which gives the windows back.
+    let reset =
+        spooky.wait_metric("spooky_client_read_timeouts_total", &[], Duration::from_secs(20), |n| n >= STALLED as f64);
+    assert_eq!(reset, STALLED as f64, "every stalled response is reset after client_read");
+    warm(&mut normal);
+    let connects = metric_sum(&spooky.metrics(), "spooky_upstream_connects_total", &[]);
+    let median = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let growth = rss_during.saturating_sub(rss_before) as f64 / (1 << 20) as f64;
+    // 32 stalled responses hold at most a stream window (1 MiB) in Spooky each, plus QUIC's
+    // send buffers: bounded, whatever the response size.
+    assert!(growth < 96.0, "RSS grew {growth:.1} MiB with {STALLED} stalled 4 MiB responses");
+    crate::harness::summary(
+        "stalled_readers",
+        &format!(
+            "stalled={STALLED} normal_ok=200/200 median_latency_before={:?} median_latency_during={:?} max_during={:?} upstream_connections={connects} resets={reset} rss_growth={growth:.1}MiB",
+            median(&baseline),
+            median(&during),
+            during.iter().max().unwrap()
+        ),
+    );
+}
