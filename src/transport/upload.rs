@@ -3,9 +3,12 @@
 //!
 //! A stream the backend did not process (refused, or above a GOAWAY's last stream id: RFC 9113
 //! §8.7, §6.8) may be sent again on another connection, but only with the very same bytes. So
-//! every chunk the pump takes from the exchange stays in the [`Upload`] until more than
-//! `upstream_h2.replay_buffer` bytes went by; from then on the body cannot be replayed, and
-//! such a request fails with 502 rather than reaching the backend with a piece missing.
+//! every chunk the pump takes from the exchange stays in the [`Upload`] until a stream has
+//! been given more than `upstream_h2.replay_buffer` bytes; from then on the body cannot be
+//! replayed, and such a request fails with 502 rather than reaching the backend with a piece
+//! missing. The pump takes a chunk only once the one before went out whole, so the buffer
+//! holds at most the limit plus one chunk. (At default HTTP/2 windows a backend can be given
+//! at most 64 KiB before it has read the request head, the same as the default limit.)
 //!
 //! The pump is a plain future that the attempt polls alongside its own waits (see
 //! `forward::Pump`), never a task of its own: when an attempt ends, its pump is dropped with
@@ -22,11 +25,10 @@ use std::time::Instant;
 
 /// One request's body as its attempts see it.
 pub struct Upload {
-    /// The chunks taken from the exchange so far, while they fit `limit`.
+    /// The chunks taken from the exchange so far, until a stream was given more than `limit`.
     held: Vec<Bytes>,
-    held_bytes: usize,
     limit: usize,
-    /// A chunk did not fit: `held` is empty and stays so.
+    /// A stream was given more than `limit` bytes: `held` is empty and stays so.
     overflowed: bool,
     /// The client's end of the body (with its trailers), once taken from the exchange.
     end: Option<Option<HeaderMap>>,
@@ -45,7 +47,7 @@ pub enum Sent {
 
 impl Upload {
     pub fn new(limit: usize) -> Self {
-        Upload { held: Vec::new(), held_bytes: 0, limit, overflowed: false, end: None }
+        Upload { held: Vec::new(), limit, overflowed: false, end: None }
     }
 
     /// Whether every byte a stream was given is still held, so another stream can be given
@@ -69,20 +71,22 @@ impl Upload {
         }
         let item = std::task::ready!(ex.poll_request_item(cx));
         match &item {
-            RequestItem::Chunk(chunk) if !self.overflowed && self.held_bytes + chunk.len() <= self.limit => {
-                self.held_bytes += chunk.len();
+            RequestItem::Chunk(chunk) if !self.overflowed => {
                 self.held.push(chunk.clone());
                 *cursor += 1;
             }
-            RequestItem::Chunk(_) => {
-                self.overflowed = true;
-                self.held = Vec::new();
-                *cursor = 0;
-            }
+            RequestItem::Chunk(_) | RequestItem::Cancelled => {}
             RequestItem::End(trailers) => self.end = Some(trailers.clone()),
-            RequestItem::Cancelled => {}
         }
         Poll::Ready(item)
+    }
+
+    /// A stream has been given the body up to `offset`: past the limit, the held chunks go.
+    fn sent_up_to(&mut self, offset: usize) {
+        if offset > self.limit && !self.overflowed {
+            self.overflowed = true;
+            self.held = Vec::new();
+        }
     }
 }
 
@@ -94,7 +98,7 @@ pub async fn pump(
     upload: &mut Upload,
     progress: &Cell<Instant>,
 ) -> Sent {
-    let mut cursor = 0;
+    let (mut cursor, mut offset) = (0, 0);
     loop {
         let item = poll_fn(|cx| upload.poll_next(&mut cursor, &mut ex.borrow_mut(), cx)).await;
         let sent = match item {
@@ -102,11 +106,14 @@ pub async fn pump(
                 let mut result = Ok(());
                 while !data.is_empty() && result.is_ok() {
                     tx.reserve_capacity(data.len());
-                    result = match wait_capacity(ex, &mut tx).await {
-                        Some(n) => tx.send_data(data.split_to(n.min(data.len())), false),
+                    let n = match wait_capacity(ex, &mut tx).await {
+                        Some(n) => n.min(data.len()),
                         None if ex.borrow().is_cancelled() => break,
                         None => return Sent::Refused,
                     };
+                    result = tx.send_data(data.split_to(n), false);
+                    offset += n;
+                    upload.sent_up_to(offset);
                     progress.set(Instant::now());
                 }
                 result
@@ -188,19 +195,26 @@ mod tests {
     }
 
     #[test]
-    fn a_body_past_the_limit_is_no_longer_replayable() {
+    fn a_body_given_past_the_limit_is_no_longer_replayable() {
         let ex = Exchange::new(StreamKey { conn: 1, stream: 0 }, Rc::new(Notifier::default()));
         let mut upload = Upload::new(6);
         ex.borrow_mut().push_request_chunk(Bytes::from_static(b"abcd"));
         ex.borrow_mut().push_request_chunk(Bytes::from_static(b"efgh"));
         let mut cursor = 0;
         assert_eq!(chunk(next(&mut upload, &mut cursor, &ex)), "abcd");
-        assert!(upload.replayable());
+        upload.sent_up_to(4);
+        // Taken but given only up to the limit: a refused stream can still be replayed whole.
         assert_eq!(chunk(next(&mut upload, &mut cursor, &ex)), "efgh");
-        assert!(!upload.replayable(), "8 bytes went by, 6 are held at most");
+        upload.sent_up_to(6);
+        assert!(upload.replayable());
+        let mut replay = 0;
+        assert_eq!(chunk(next(&mut upload, &mut replay, &ex)), "abcd");
+        assert_eq!(chunk(next(&mut upload, &mut replay, &ex)), "efgh");
+        upload.sent_up_to(7);
+        assert!(!upload.replayable(), "7 bytes given, 6 held at most");
         // The stream that has it goes on with the rest.
         ex.borrow_mut().push_request_chunk(Bytes::from_static(b"ij"));
-        assert_eq!(chunk(next(&mut upload, &mut cursor, &ex)), "ij");
+        assert_eq!(chunk(next(&mut upload, &mut replay, &ex)), "ij");
     }
 
     #[test]
