@@ -56,8 +56,7 @@ pub fn parse_head<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) ->
         if name == http::header::TE && !value.eq_ignore_ascii_case(b"trailers") {
             return Err(Malformed("te other than `trailers`"));
         }
-        let value = HeaderValue::from_bytes(value).map_err(|_| Malformed("invalid field value"))?;
-        headers.append(name, value);
+        headers.append(name, field_value(value)?);
     }
     let method = method.ok_or(Malformed("missing :method"))?;
     let method = http::Method::from_bytes(method.as_bytes()).map_err(|_| Malformed("invalid :method"))?;
@@ -121,7 +120,7 @@ pub fn parse_trailers<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>
         if CONNECTION_SPECIFIC.contains(&name.as_str()) {
             return Err(Malformed("connection-specific header field in trailers"));
         }
-        map.append(name, HeaderValue::from_bytes(value).map_err(|_| Malformed("invalid field value"))?);
+        map.append(name, field_value(value)?);
     }
     Ok(map)
 }
@@ -136,6 +135,16 @@ fn field_name(name: &[u8]) -> Result<HeaderName, Malformed> {
         return Err(Malformed("upper-case field name"));
     }
     HeaderName::from_bytes(name).map_err(|_| Malformed("invalid field name"))
+}
+
+/// A field value as RFC 9113 §8.2.1 (which RFC 9114 §4.2 refers to) allows it: no NUL, CR or
+/// LF (`HeaderValue` refuses those), and no leading or trailing space or tab.
+fn field_value(value: &[u8]) -> Result<HeaderValue, Malformed> {
+    let blank = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+    if blank(value.first()) || blank(value.last()) {
+        return Err(Malformed("field value with leading or trailing whitespace"));
+    }
+    HeaderValue::from_bytes(value).map_err(|_| Malformed("invalid field value"))
 }
 
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malformed> {
@@ -192,10 +201,20 @@ impl Default for RequestIds {
     }
 }
 
+/// Fields in which proxies tell a backend about the client, besides `x-forwarded-for` (which
+/// Spooky sets): removed from the client's request with `x_forwarded_for: overwrite`.
+const CLIENT_FORWARDING_FIELDS: [&str; 3] = ["forwarded", "x-real-ip", "x-forwarded-host"];
+
 /// Builds the HTTP/2 request Spooky sends upstream: same method, scheme, authority and path;
 /// `via` appended; `x-forwarded-for` / `x-forwarded-proto` set per policy.
 pub fn to_upstream(head: RequestHead, client: SocketAddr, policy: &HeaderPolicy) -> http::Request<()> {
     let RequestHead { method, scheme, authority, path, mut headers, .. } = head;
+    if policy.x_forwarded_for == ForwardedMode::Overwrite {
+        // Spooky is the edge: what a client claims about addresses and hosts is not passed on.
+        for name in CLIENT_FORWARDING_FIELDS {
+            headers.remove(name);
+        }
+    }
     let client_ip = client.ip().to_string();
     let xff = match (policy.x_forwarded_for, headers.get("x-forwarded-for").and_then(|v| v.to_str().ok())) {
         (ForwardedMode::Append, Some(prev)) => format!("{prev}, {client_ip}"),
@@ -260,6 +279,41 @@ mod tests {
         assert_eq!(req.headers()["x-forwarded-proto"], "https");
         assert_eq!(req.headers()["via"], "3 spooky");
         assert_eq!(req.headers()["te"], "trailers");
+    }
+
+    #[test]
+    fn overwrite_mode_drops_what_the_client_claims_about_forwarding() {
+        let claims = [
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6;host=evil"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-forwarded-host", "evil.example"),
+        ];
+        let req =
+            to_upstream(head(&with(&claims)).unwrap(), "192.0.2.7:5555".parse().unwrap(), &HeaderPolicy::default());
+        assert_eq!(req.headers()["x-forwarded-for"], "192.0.2.7");
+        for name in ["forwarded", "x-real-ip", "x-forwarded-host"] {
+            assert!(!req.headers().contains_key(name), "{name} passed through");
+        }
+        // `append` trusts an upstream proxy in front of Spooky: its fields stay.
+        let policy = HeaderPolicy { x_forwarded_for: ForwardedMode::Append, ..Default::default() };
+        let req = to_upstream(head(&with(&claims)).unwrap(), "192.0.2.7:5555".parse().unwrap(), &policy);
+        assert_eq!(req.headers()["x-real-ip"], "6.6.6.6");
+    }
+
+    #[test]
+    fn field_values_with_surrounding_whitespace_are_malformed() {
+        for value in [" x", "x ", "\tx", "x\t", " "] {
+            assert_eq!(
+                head(&with(&[("accept", value)])).err(),
+                Some(Malformed("field value with leading or trailing whitespace")),
+                "{value:?}"
+            );
+        }
+        assert!(head(&with(&[("accept", "a b")])).is_ok(), "inner whitespace is fine");
+        assert!(head(&with(&[("accept", "")])).is_ok(), "an empty value is fine");
+        let trailers = [(&b"x-t"[..], &b"v "[..])];
+        assert!(parse_trailers(trailers).is_err());
     }
 
     #[test]

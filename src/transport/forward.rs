@@ -133,12 +133,12 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
             Selection::BreakerOpen => {
                 metrics::counter!("spooky_circuit_breaker_rejections_total", "pool" => up.pools[pool].name.clone())
                     .increment(1);
-                return fail(ex, StatusCode::SERVICE_UNAVAILABLE, "circuit breaker open");
+                return fail(ex, &parts, StatusCode::SERVICE_UNAVAILABLE, BREAKER_OPEN);
             }
             // Nothing left to retry on: the client gets the last attempt's failure.
             Selection::Exhausted => match last_failure {
-                Some(f) => return fail(ex, f.status, &f.detail),
-                None => return fail(ex, StatusCode::SERVICE_UNAVAILABLE, "no backend available"),
+                Some(f) => return fail(ex, &parts, f.status, &f.detail),
+                None => return fail(ex, &parts, StatusCode::SERVICE_UNAVAILABLE, "no backend available"),
             },
         };
         if attempt > 0 {
@@ -167,11 +167,11 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
             Kind::Status => true,
         };
         if !(safe && wanted && attempt < attempts) {
-            return fail(ex, failed.status, &failed.detail);
+            return fail(ex, &parts, failed.status, &failed.detail);
         }
         if !may_retry {
             metrics::counter!("spooky_retry_budget_exhausted_total").increment(1);
-            return fail(ex, failed.status, &failed.detail);
+            return fail(ex, &parts, failed.status, &failed.detail);
         }
         if failed.kind == Kind::Retry(RetryOn::RefusedStream) {
             // Refused means "not now", not "broken": the same backend may take the retry.
@@ -555,10 +555,24 @@ fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
     parts
 }
 
-fn fail(ex: &SharedExchange, status: StatusCode, detail: &str) {
+/// Answers the client with Spooky's own error page. The page names the kind of failure only:
+/// which backend failed and how stays in the log (with the request id to find it), never on a
+/// page a client can read.
+fn fail(ex: &SharedExchange, parts: &http::request::Parts, status: StatusCode, detail: &str) {
     metrics::counter!("spooky_upstream_failures_total", "status" => status.as_str().to_owned()).increment(1);
-    ex.borrow_mut().respond_locally(status, detail);
+    let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+    tracing::warn!(request_id, status = status.as_u16(), detail, "upstream request failed");
+    let public = match status {
+        StatusCode::GATEWAY_TIMEOUT => "the upstream server did not answer in time",
+        StatusCode::SERVICE_UNAVAILABLE if detail == BREAKER_OPEN => BREAKER_OPEN,
+        StatusCode::SERVICE_UNAVAILABLE => "no upstream server available",
+        _ => "the upstream server failed to answer",
+    };
+    ex.borrow_mut().respond_locally(status, public);
 }
+
+/// Public on purpose: a client may learn that it is being shed.
+const BREAKER_OPEN: &str = "circuit breaker open";
 
 fn reset(ex: &SharedExchange, why: &str) {
     tracing::debug!(why, "resetting client stream after the response started");
