@@ -14,12 +14,22 @@ use ring::{aead, hkdf, hmac};
 
 pub struct EdgeKeys {
     reset: hmac::Key,
-    pub(super) token: aead::LessSafeKey,
+    /// Retry tokens are sealed under keys derived from this, one per token (see
+    /// [`EdgeKeys::token_key`]).
+    token: hkdf::Prk,
 }
 
 impl EdgeKeys {
     /// Loads or derives the keys for `config`; the control thread calls this once at start.
     pub fn load(config: &Config) -> anyhow::Result<Self> {
+        if config.quic.secret_key_file.is_some() && config.quic.server_id == 0 {
+            // A node resets only CIDs that carry its server id; if every node of a fleet keeps
+            // the default id, any of them can reset (kill) the others' connections.
+            tracing::warn!(
+                "quic.secret_key_file is set but quic.server_id is the default 0: if other nodes share this \
+                 secret, give each its own server_id, or they can reset each other's connections"
+            );
+        }
         let master = match (&config.quic.secret_key_file, &config.tls.key) {
             (Some(file), _) => std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
             (None, Some(key)) => std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
@@ -36,8 +46,19 @@ impl EdgeKeys {
     pub fn from_master(master: &[u8]) -> Self {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"spooky edge keys v1").extract(master);
         let reset = prk.expand(&[b"stateless reset"], hmac::HMAC_SHA256).expect("32 bytes is a valid HKDF length");
-        let token = prk.expand(&[b"retry token"], &aead::AES_256_GCM).expect("32 bytes is a valid HKDF length");
-        EdgeKeys { reset: hmac::Key::from(reset), token: aead::LessSafeKey::new(aead::UnboundKey::from(token)) }
+        let token: hkdf::Prk =
+            prk.expand(&[b"retry token"], hkdf::HKDF_SHA256).expect("32 bytes is a valid HKDF length").into();
+        EdgeKeys { reset: hmac::Key::from(reset), token }
+    }
+
+    /// The AES-256-GCM key of the Retry token with this `salt` (random, carried in the
+    /// token). A key seals one token only, so its nonce can never repeat under it: the bound
+    /// of about 2^32 random nonces per GCM key never applies, however many tokens a fleet
+    /// sharing the master secret issues, and nothing needs rotating.
+    pub(super) fn token_key(&self, salt: &[u8]) -> aead::LessSafeKey {
+        let info = [salt];
+        let okm = self.token.expand(&info, &aead::AES_256_GCM).expect("32 bytes is a valid HKDF length");
+        aead::LessSafeKey::new(aead::UnboundKey::from(okm))
     }
 
     /// The stateless reset token of a CID Spooky issued.

@@ -76,6 +76,8 @@ fn a_restarted_spooky_resets_connections_it_forgot() {
     let key = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(key.path(), [0x5a; 32]).unwrap();
     let first = Spooky::start(&config(&backend, &format!("secret_key_file: {}", key.path().display())));
+    // A shareable secret with the default server id would let fleet nodes reset each other.
+    assert!(first.proc.log_text().contains("quic.server_id is the default 0"), "{}", first.proc.log_text());
     let mut client = first.client_with(Options { timeout: Duration::from_secs(10), ..Options::default() });
     get_ok(&mut client, "/bytes/1000");
     let port = first.addr.port();
