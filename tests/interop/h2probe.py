@@ -167,6 +167,7 @@ def probe(port: int, path: str, *, concurrency: int = 16, max_requests: int = 30
 def h2get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """One GET over a fresh h2c connection: (status, body)."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    deadline = time.monotonic() + timeout
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         conn.initiate_connection()
         conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", f"127.0.0.1:{port}"),
@@ -174,6 +175,8 @@ def h2get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         sock.sendall(conn.data_to_send())
         status, body = None, bytearray()
         while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"GET {path}: no complete response within {timeout}s")
             data = sock.recv(1 << 16)
             if not data:
                 raise ConnectionError(f"GET {path}: connection closed before the response ended")
