@@ -374,7 +374,7 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if not report.failed:
         return
-    procs = ([_STACK.spooky] if _STACK is not None else []) + _WATCHED
+    procs = ([_STACK.spooky] if _STACK is not None and "stack" in item.fixturenames else []) + _WATCHED
     for p in procs:
         state = "running" if p.alive() else f"EXITED ({p.popen.poll()})"
         report.sections.append((f"{p.name} output tail ({state}; full log {p.log_path})", p.tail(60)))
