@@ -4,8 +4,7 @@ how does it end a connection that carries many requests?
 `probe()` keeps `concurrency` GETs in flight on one connection until the backend closes it
 (or `max_requests` were sent, or `timeout` passed) and records every GOAWAY and RST_STREAM the
 backend sent, from a frame-level tap of the raw bytes (so frames that arrive after the first
-GOAWAY, which the `h2` state machine no longer accepts, are seen too). With `keep_sending`,
-it goes on opening streams after the GOAWAY, as a client that has not yet read it would.
+GOAWAY, which the `h2` state machine no longer accepts, are seen too).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-import hpack
 
 DATA, HEADERS, RST_STREAM, GOAWAY = 0x0, 0x1, 0x3, 0x7
 END_STREAM = 0x1
@@ -37,19 +35,26 @@ class ProbeResult:
     completed: int = 0  # responses that ended (END_STREAM)
     goaways: list = field(default_factory=list)  # (after n completed, last_stream_id, code name)
     resets: list = field(default_factory=list)  # (stream id, code name)
-    sent_above_last: int = 0  # streams opened with an id above the first GOAWAY's last_stream_id
+    sent_above_last: int = 0  # streams in flight above the first GOAWAY's last_stream_id when it came
     answered_above_last: int = 0  # ... that the backend answered anyway
     unanswered_at_or_below_last: list = field(default_factory=list)  # covered by GOAWAY, never answered
     closed: bool = False  # the backend closed the TCP connection
     elapsed: float = 0.0
 
     def describe(self) -> str:
-        gs = ", ".join(f"GOAWAY({c}, last_stream_id={s}) after {n} responses" for n, s, c in self.goaways) or "no GOAWAY"
+        runs: list[list] = []  # consecutive identical GOAWAYs, counted
+        for g in self.goaways:
+            if runs and runs[-1][0] == g:
+                runs[-1][1] += 1
+            else:
+                runs.append([g, 1])
+        gs = ", then ".join(f"GOAWAY({c}, last_stream_id={s}){f' x{k}' if k > 1 else ''} after {n} responses"
+                            for (n, s, c), k in runs) or "no GOAWAY"
         rs = {}
         for _, c in self.resets:
             rs[c] = rs.get(c, 0) + 1
         return (f"{self.sent} requests sent, {self.completed} answered; {gs}; RST_STREAM {rs or 'none'}; "
-                f"{self.sent_above_last} streams sent above last_stream_id, {self.answered_above_last} of them "
+                f"{self.sent_above_last} streams in flight above last_stream_id, {self.answered_above_last} of them "
                 f"answered, {len(self.unanswered_at_or_below_last)} at or below it never answered "
                 f"(neither response nor RST_STREAM); TCP {'closed by the backend' if self.closed else 'still open'} "
                 f"({self.elapsed:.1f}s)")
@@ -69,43 +74,62 @@ def _frames(buf: bytearray):
 
 
 def probe(port: int, path: str, *, concurrency: int = 16, max_requests: int = 3000,
-          keep_sending: int = 0, timeout: float = 30.0) -> ProbeResult:
+          timeout: float = 30.0) -> ProbeResult:
     res = ProbeResult()
     started = time.monotonic()
     deadline = started + timeout
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    enc = hpack.Encoder()
     headers = [(":method", "GET"), (":scheme", "http"), (":authority", f"127.0.0.1:{port}"), (":path", path)]
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     tap = bytearray()
     in_flight: set[int] = set()
     last_sid: int | None = None
-    next_sid = 1
     h2_alive = True
-    extra = 0
+
+    def absorb(data: bytes) -> None:
+        """The tap (every frame the backend sent, in order), then h2 (for flow control)."""
+        nonlocal last_sid, h2_alive
+        tap.extend(data)
+        for ftype, flags, sid, payload in _frames(tap):
+            if ftype in (DATA, HEADERS) and flags & END_STREAM and sid in in_flight:
+                res.completed += 1
+                in_flight.discard(sid)
+                if last_sid is not None and sid > last_sid:
+                    res.answered_above_last += 1
+            elif ftype == GOAWAY:
+                ls, code = struct.unpack(">II", payload[:8])
+                ls &= 0x7FFFFFFF
+                res.goaways.append((res.completed, ls, code_name(code)))
+                if last_sid is None:
+                    last_sid = ls
+                    res.sent_above_last = sum(1 for s in in_flight if s > ls)
+            elif ftype == RST_STREAM:
+                res.resets.append((sid, code_name(struct.unpack(">I", payload[:4])[0])))
+                in_flight.discard(sid)
+        if h2_alive:
+            try:
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.DataReceived):
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, h2.events.ConnectionTerminated):
+                        h2_alive = False
+            except h2.exceptions.ProtocolError:
+                h2_alive = False  # frames after the GOAWAY: the tap still sees them
+            out = conn.data_to_send()
+            if out:
+                sock.sendall(out)
+
     try:
         conn.initiate_connection()
         sock.sendall(conn.data_to_send())
         while time.monotonic() < deadline:
-            # Open streams up to the concurrency (through h2 until it refuses, then raw).
-            while len(in_flight) < concurrency and res.sent < max_requests:
-                if h2_alive and last_sid is None:
-                    sid = conn.get_next_available_stream_id()
-                    conn.send_headers(sid, headers, end_stream=True)
-                    sock.sendall(conn.data_to_send())
-                elif extra < keep_sending:
-                    sid = next_sid
-                    block = enc.encode([hpack.NeverIndexedHeaderTuple(k, v) for k, v in headers])
-                    sock.sendall(struct.pack(">I", len(block))[1:] + bytes([HEADERS, 0x5])
-                                 + struct.pack(">I", sid) + block)
-                    extra += 1
-                else:
-                    break
-                next_sid = sid + 2
+            # Keep `concurrency` streams open until the backend says GOAWAY.
+            while h2_alive and last_sid is None and len(in_flight) < concurrency and res.sent < max_requests:
+                sid = conn.get_next_available_stream_id()
+                conn.send_headers(sid, headers, end_stream=True)
+                sock.sendall(conn.data_to_send())
                 in_flight.add(sid)
                 res.sent += 1
-                if last_sid is not None and sid > last_sid:
-                    res.sent_above_last += 1
             if not in_flight and (res.sent >= max_requests or last_sid is not None):
                 break
             sock.settimeout(max(0.05, min(2.0, deadline - time.monotonic())))
@@ -115,47 +139,20 @@ def probe(port: int, path: str, *, concurrency: int = 16, max_requests: int = 30
                 if last_sid is not None:
                     break  # nothing more is coming on a connection that is going away
                 continue
-            except ConnectionResetError:
-                res.closed = True
-                break
             if not data:
                 res.closed = True
                 break
-            # The tap: the server's frames (its connection preface is a SETTINGS frame).
-            tap += data
-            for ftype, flags, sid, payload in _frames(tap):
-                if ftype in (DATA, HEADERS) and flags & END_STREAM and sid in in_flight:
-                    res.completed += 1
-                    in_flight.discard(sid)
-                    if last_sid is not None and sid > last_sid:
-                        res.answered_above_last += 1
-                elif ftype == GOAWAY:
-                    ls, code = struct.unpack(">II", payload[:8])
-                    ls &= 0x7FFFFFFF
-                    res.goaways.append((res.completed, ls, code_name(code)))
-                    if last_sid is None:
-                        last_sid = ls
-                        res.sent_above_last = sum(1 for s in in_flight if s > ls)
-                elif ftype == RST_STREAM:
-                    res.resets.append((sid, code_name(struct.unpack(">I", payload[:4])[0])))
-                    in_flight.discard(sid)
-            if h2_alive:
-                try:
-                    events = conn.receive_data(data)
-                except h2.exceptions.ProtocolError:
-                    h2_alive = False
-                    events = []
-                for ev in events:
-                    if isinstance(ev, h2.events.DataReceived):
-                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                    elif isinstance(ev, h2.events.ConnectionTerminated):
-                        h2_alive = False
-                try:
-                    out = conn.data_to_send()
-                    if out:
-                        sock.sendall(out)
-                except (h2.exceptions.ProtocolError, OSError):
-                    h2_alive = False
+            absorb(data)
+    except (BrokenPipeError, ConnectionResetError):
+        # The backend closed while we were writing: read what it had sent before that.
+        res.closed = True
+        try:
+            sock.settimeout(0.5)
+            while data := sock.recv(1 << 16):
+                h2_alive = False
+                absorb(data)
+        except OSError:
+            pass
     finally:
         sock.close()
         if last_sid is not None:
