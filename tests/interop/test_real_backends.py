@@ -193,7 +193,8 @@ def test_backend_ends_long_connections_by_itself(front):
         assert r.goaways, f"{b.name} sent no GOAWAY: {r.describe()}"
         first_count, last_sid, code = r.goaways[0]
         assert code == "NO_ERROR", r.describe()
-        assert limit - 1 <= first_count <= limit + 16, r.describe()
+        # (hypercorn may still be writing earlier answers when its GOAWAY goes out)
+        assert limit - 16 <= first_count <= limit + 16, r.describe()
         assert limit <= (last_sid + 1) // 2 <= limit + 16, r.describe()
 
 
