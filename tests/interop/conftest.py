@@ -7,6 +7,7 @@ tmp dir; spooky's stderr tail is attached to every failing test's report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -26,6 +27,8 @@ READY_TIMEOUT = 30.0
 BACKEND_NAME = "interop-demo"
 
 _STACK: "Stack | None" = None
+# Processes of module fixtures whose output tail goes into failing tests' reports (`watched`).
+_WATCHED: list["Proc"] = []
 
 
 class Proc:
@@ -199,14 +202,9 @@ class Stack:
     nginx: Proc
 
 
-def write_nginx_tree(tmp: Path, port: int) -> tuple[Path, bytes, bytes]:
-    """Create nginx's prefix dir: config, temp dirs, and the static files it serves."""
-    www = tmp / "www"
-    www.mkdir()
-    file_bin = os.urandom(1 << 20)
-    hello = b"hello from nginx\n"
-    (www / "file.bin").write_bytes(file_bin)
-    (www / "hello.txt").write_bytes(hello)
+def write_nginx_conf(tmp: Path, port: int, locations: str) -> Path:
+    """nginx's prefix dir `tmp` (temp dirs, config) for one h2c server on 127.0.0.1:port with
+    `locations` in its server block; everything else is nginx's default (no limits tuned)."""
     for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp / "temp" / d).mkdir(parents=True)
     conf = tmp / "nginx.conf"
@@ -229,15 +227,48 @@ http {{
     server {{
         listen 127.0.0.1:{port} http2;
         server_name localhost;
+{locations}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def start_nginx(prefix: Path, conf: Path, port: int, log: Path, name: str = "nginx") -> Proc:
+    """Runs nginx in the foreground on `conf` until it accepts TCP on `port`. Stopped again if
+    it never does."""
+    proc = Proc(
+        name,
+        [NGINX, "-p", f"{prefix}/", "-c", str(conf), "-e", f"{prefix}/error.log", "-g", "daemon off;"],
+        log,
+    )
+    try:
+        proc.wait_tcp(port)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def write_nginx_tree(tmp: Path, port: int) -> tuple[Path, bytes, bytes]:
+    """Create nginx's prefix dir: config, temp dirs, and the static files it serves."""
+    www = tmp / "www"
+    www.mkdir()
+    file_bin = os.urandom(1 << 20)
+    hello = b"hello from nginx\n"
+    (www / "file.bin").write_bytes(file_bin)
+    (www / "hello.txt").write_bytes(hello)
+    conf = write_nginx_conf(
+        tmp,
+        port,
+        f"""\
         location /nginx/ {{
             alias {www}/;
         }}
         location = /nginx/teapot {{
             return 418 "short and stout\\n";
-        }}
-    }}
-}}
-"""
+        }}""",
     )
     return conf, file_bin, hello
 
@@ -290,14 +321,8 @@ def stack(tmp_path_factory) -> Stack:
         nginx_dir.mkdir()
         nginx_port = free_port()
         conf, file_bin, hello = write_nginx_tree(nginx_dir, nginx_port)
-        nginx = Proc(
-            "nginx",
-            [NGINX, "-p", f"{nginx_dir}/", "-c", str(conf), "-e", f"{nginx_dir}/error.log",
-             "-g", "daemon off;"],
-            tmp / "nginx.log",
-        )
+        nginx = start_nginx(nginx_dir, conf, nginx_port, tmp / "nginx.log")
         procs.append(nginx)
-        nginx.wait_tcp(nginx_port)
 
         dead_port = free_port()
         cfg = tmp / "spooky.yaml"
@@ -330,14 +355,26 @@ def stack(tmp_path_factory) -> Stack:
             p.stop()
 
 
+@contextlib.contextmanager
+def watched(*procs: Proc):
+    """While inside, failing tests' reports carry these processes' output tails too."""
+    _WATCHED.extend(procs)
+    try:
+        yield
+    finally:
+        for p in procs:
+            _WATCHED.remove(p)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Attach spooky's recent output (and liveness) to failing test reports."""
+    """Attach the recent output (and liveness) of spooky and of `watched` processes to failing
+    test reports."""
     outcome = yield
     report = outcome.get_result()
-    if report.failed and _STACK is not None:
-        s = _STACK
-        state = "running" if s.spooky.alive() else f"EXITED ({s.spooky.popen.poll()})"
-        report.sections.append(
-            (f"spooky output tail ({state}; full log {s.spooky.log_path})", s.spooky.tail(60))
-        )
+    if not report.failed:
+        return
+    procs = ([_STACK.spooky] if _STACK is not None and "stack" in item.fixturenames else []) + _WATCHED
+    for p in procs:
+        state = "running" if p.alive() else f"EXITED ({p.popen.poll()})"
+        report.sections.append((f"{p.name} output tail ({state}; full log {p.log_path})", p.tail(60)))
