@@ -34,6 +34,17 @@ impl Proc {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Whether the log has (or gets, within 5 s: it is copied by a thread) a line with `needle`.
+    pub fn logged(&self, needle: &str) -> bool {
+        (0..50).any(|_| {
+            let found = self.log_text().contains(needle);
+            if !found {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            found
+        })
+    }
 }
 
 /// Spawns `cmd`, copies its stderr to `log`, and waits for a line containing `marker`;
