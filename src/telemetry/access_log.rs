@@ -1,12 +1,26 @@
 //! The access log: workers hand finished-request records to a bounded channel; one background
 //! thread formats and writes them. A full channel drops the record (counted in
-//! `spooky_access_log_dropped_total`) rather than ever blocking a worker.
+//! `spooky_access_log_dropped_total`) rather than ever blocking a worker. A record keeps at
+//! most [`MAX_FIELD`] bytes of the path and authority, so the queue holds at most
+//! `access_log.buffer` × about 9 KiB whatever clients send.
+//!
+//! A log file is created with mode 0640 and reopened on SIGUSR1, for logrotate's
+//! `postrotate kill -USR1 $(pidof spooky)` (see the README).
 
 use crate::config::{AccessLog as Settings, AccessLogFormat};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+/// Bytes of a record's path or authority that are logged; a longer one ends in `...`.
+pub const MAX_FIELD: usize = 4096;
+
+/// How often the writer looks for a reopen request while no record arrives.
+const REOPEN_CHECK: Duration = Duration::from_millis(500);
 
 /// One finished request.
 #[derive(Debug, Clone)]
@@ -45,7 +59,9 @@ impl AccessLogger {
         self.enabled
     }
 
-    pub fn log(&self, record: Record) {
+    pub fn log(&self, mut record: Record) {
+        cap(&mut record.path);
+        cap(&mut record.authority);
         match self.tx.try_send(Msg::Record(Box::new(record))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -62,13 +78,29 @@ impl AccessLogger {
     }
 }
 
-/// Starts the writer thread.
+/// Cuts `field` to [`MAX_FIELD`] bytes (at a character boundary), marking the cut.
+fn cap(field: &mut String) {
+    if field.len() > MAX_FIELD {
+        let mut end = MAX_FIELD - 3;
+        while !field.is_char_boundary(end) {
+            end -= 1;
+        }
+        field.truncate(end);
+        field.push_str("...");
+    }
+}
+
+/// Starts the writer thread, which reopens a file target on SIGUSR1.
 pub fn start(settings: &Settings) -> AccessLogger {
     let (tx, rx) = crossbeam_channel::bounded(settings.buffer);
     let initial = settings.clone();
+    let reopen = Arc::new(AtomicBool::new(false));
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGUSR1, reopen.clone()) {
+        tracing::warn!(error = %e, "SIGUSR1 cannot reopen the access log");
+    }
     std::thread::Builder::new()
         .name("spooky-access-log".into())
-        .spawn(move || writer(rx, initial))
+        .spawn(move || writer(rx, initial, &reopen))
         .expect("spawning the access-log thread");
     AccessLogger { tx, enabled: settings.target != "off" }
 }
@@ -78,7 +110,8 @@ fn open(target: &str) -> Option<Box<dyn Write + Send>> {
         "off" => None,
         "stdout" => Some(Box::new(std::io::stdout())),
         "stderr" => Some(Box::new(std::io::stderr())),
-        path => match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        // Client addresses and paths are not for every user of the machine.
+        path => match std::fs::OpenOptions::new().create(true).append(true).mode(0o640).open(path) {
             Ok(f) => Some(Box::new(f)),
             Err(e) => {
                 tracing::error!(path, error = %e, "cannot open the access log; lines are dropped");
@@ -88,10 +121,24 @@ fn open(target: &str) -> Option<Box<dyn Write + Send>> {
     }
 }
 
-fn writer(rx: Receiver<Msg>, mut settings: Settings) {
+fn writer(rx: Receiver<Msg>, mut settings: Settings, reopen: &AtomicBool) {
     let mut out = open(&settings.target).map(|w| std::io::BufWriter::with_capacity(64 * 1024, w));
     let mut line = String::with_capacity(512);
-    while let Ok(msg) = rx.recv() {
+    loop {
+        let is_file = !matches!(settings.target.as_str(), "off" | "stdout" | "stderr");
+        if reopen.swap(false, Ordering::Relaxed) && is_file {
+            // logrotate moved the file away: flush what belongs to it, continue in a new one.
+            if let Some(o) = out.as_mut() {
+                let _ = o.flush();
+            }
+            out = open(&settings.target).map(|w| std::io::BufWriter::with_capacity(64 * 1024, w));
+            tracing::info!(target = %settings.target, "access log reopened (SIGUSR1)");
+        }
+        let msg = match rx.recv_timeout(REOPEN_CHECK) {
+            Ok(msg) => msg,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
         match msg {
             Msg::Settings(new) => {
                 if new.target != settings.target {

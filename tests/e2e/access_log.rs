@@ -43,3 +43,45 @@ fn every_request_gets_one_json_line_and_a_forwarded_request_id() {
     assert!(text.lines().any(|l| l == format!("x-request-id: {id}")), "{text}");
     assert!(text.lines().any(|l| l == format!("traceparent: {traceparent}")), "{text}");
 }
+
+/// Lines of `path` once it has at least `n` (within 10 s).
+fn wait_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= n {
+            return text.lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
+        }
+        assert!(Instant::now() < deadline, "{} has: {text}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The log file is private to its group, a rotated file is let go on SIGUSR1, and a client's
+/// huge path costs the log a bounded line.
+#[test]
+fn the_log_file_is_0640_reopens_on_sigusr1_and_caps_long_paths() {
+    use std::os::unix::fs::PermissionsExt;
+    let backend = Backend::start("b");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let spooky = Spooky::in_front_of(&[(&backend, 1)], &format!("access_log: {{ target: {} }}", log.display()));
+    let mut client = spooky.client();
+    client.request(Request::get("/before")).unwrap();
+    wait_lines(&log, 1);
+    assert_eq!(std::fs::metadata(&log).unwrap().permissions().mode() & 0o777, 0o640);
+
+    // logrotate: move the file away, then SIGUSR1; new lines go to a new file.
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(spooky.proc.pid() as i32, libc::SIGUSR1) }, 0);
+    assert!(spooky.proc.logged("access log reopened"), "{}", spooky.proc.log_text());
+    let long = format!("/{}", "a".repeat(10_000));
+    client.request(Request::get(&long)).unwrap();
+    let lines = wait_lines(&log, 1);
+    assert_eq!(wait_lines(&rotated, 1).len(), 1, "the rotated file keeps its line only");
+    let path = lines[0]["path"].as_str().unwrap();
+    assert_eq!(path.len(), 4096, "the path is cut to 4 KiB");
+    assert!(path.ends_with("..."));
+}
