@@ -324,6 +324,10 @@ pub struct UpstreamH2 {
     pub max_frame_size: ByteSize,
     /// Connections per backend per worker, opened when the existing ones have no free stream.
     pub max_connections_per_backend: usize,
+    /// A connection that carried no request for this long is closed (0: never): shorter than
+    /// backends' own idle timeouts (hypercorn 5 s), so a backend never closes one under a
+    /// request that is on its way.
+    pub idle_timeout: Seconds,
     /// Requests one connection carries before it retires (in-flight ones finish on it): below
     /// the 1000 after which stock nginx and hypercorn end a connection themselves.
     pub max_requests_per_connection: usize,
@@ -344,6 +348,7 @@ impl Default for UpstreamH2 {
             connection_window: ByteSize(16 << 20),
             max_frame_size: ByteSize(64 << 10),
             max_connections_per_backend: 4,
+            idle_timeout: Seconds(Duration::from_secs(3)),
             max_requests_per_connection: 1000,
             keepalive_interval: Seconds(Duration::from_secs(30)),
             keepalive_timeout: Seconds(Duration::from_secs(10)),

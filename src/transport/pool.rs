@@ -12,7 +12,9 @@
 //! requests (1000, as nginx's own upstream keepalive does), before stock backends reach their
 //! limit and end it themselves: hypercorn (hyper-h2) treats every frame that arrives after its
 //! GOAWAY, even for streams it is still serving, as a protocol error and drops the connection
-//! with them. A keepalive PING every `keepalive_interval` closes a connection whose
+//! with them. A connection that carried no request for `idle_timeout` (3 s) is closed, before
+//! a backend's own idle timeout (hypercorn: 5 s) can close it under a request on its way. A
+//! keepalive PING every `keepalive_interval` closes a connection whose
 //! peer stopped answering.
 
 use super::tls::TlsUpstream;
@@ -41,6 +43,7 @@ pub struct Settings {
     pub max_requests: usize,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 impl Settings {
@@ -55,6 +58,7 @@ impl Settings {
             max_requests: h2.max_requests_per_connection,
             keepalive_interval: h2.keepalive_interval.0,
             keepalive_timeout: h2.keepalive_timeout.0,
+            idle_timeout: h2.idle_timeout.0,
         }
     }
 }
@@ -281,17 +285,27 @@ where
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-    let alive = Rc::new(Cell::new(true));
-    let flag = alive.clone();
+    let c = Conn {
+        sender,
+        alive: Rc::new(Cell::new(true)),
+        in_flight: Rc::default(),
+        lent: Rc::default(),
+        held: Rc::default(),
+    };
+    let (flag, in_flight, lent) = (c.alive.clone(), c.in_flight.clone(), c.lent.clone());
     let ping = conn.ping_pong();
     monoio::spawn(async move {
         let mut conn = pin!(conn);
         let mut keepalive = pin!(keepalive(ping, s.keepalive_interval, s.keepalive_timeout));
-        // Drive the connection until it ends or stops answering PINGs; dropping it closes
-        // the socket and fails its remaining streams.
+        let mut idle = pin!(idle(in_flight, lent, s.idle_timeout));
+        // Drive the connection until it ends, stops answering PINGs or goes unused; dropping
+        // it closes the socket and fails its remaining streams (an idle one has none).
         let outcome = poll_fn(|cx| {
             if let Poll::Ready(r) = conn.as_mut().poll(cx) {
                 return Poll::Ready(r.err().map(|e| e.to_string()));
+            }
+            if idle.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
             }
             keepalive.as_mut().poll(cx).map(|()| Some("keepalive PING unanswered".to_string()))
         })
@@ -301,7 +315,27 @@ where
         }
         flag.set(false);
     });
-    Ok(Conn { sender, alive, in_flight: Rc::default(), lent: Rc::default(), held: Rc::default() })
+    Ok(c)
+}
+
+/// Resolves once the connection has carried no request for `timeout` (never, when 0).
+/// Spooky closes idle connections before backends do: a backend that closes one (hypercorn
+/// after 5 s) can do so just as a new request is on its way, which then fails unprocessed
+/// but indistinguishable from a processed one. (Resolution: a quarter of the timeout.)
+async fn idle(in_flight: Rc<Cell<usize>>, lent: Rc<Cell<usize>>, timeout: Duration) {
+    if timeout.is_zero() {
+        return std::future::pending().await;
+    }
+    let tick = (timeout / 4).max(Duration::from_millis(10));
+    let (mut seen, mut since) = (lent.get(), std::time::Instant::now());
+    loop {
+        monoio::time::sleep(tick).await;
+        if in_flight.get() > 0 || lent.get() != seen {
+            (seen, since) = (lent.get(), std::time::Instant::now());
+        } else if since.elapsed() >= timeout {
+            return;
+        }
+    }
 }
 
 /// Resolves when a PING goes unanswered for `timeout` (never, when keepalive is off).
