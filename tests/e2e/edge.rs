@@ -24,7 +24,13 @@ fn counter(spooky: &Spooky, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// Each client makes a request, moves to a new source port (NAT rebinding) and makes
 /// another, `rebinds` times.
 fn requests_across_rebinds(spooky: &Spooky, clients: usize, rebinds: usize) {
-    let mut all: Vec<Client> = (0..clients).map(|_| spooky.client()).collect();
+    requests_across_rebinds_at(spooky, spooky.addr, clients, rebinds)
+}
+
+/// [`requests_across_rebinds`] with clients of `addr`, one of Spooky's listen addresses.
+fn requests_across_rebinds_at(spooky: &Spooky, addr: std::net::SocketAddr, clients: usize, rebinds: usize) {
+    let connect = || Client::connect(addr, Options::default()).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let mut all: Vec<Client> = (0..clients).map(|_| connect()).collect();
     for round in 0..=rebinds {
         for c in all.iter_mut() {
             let r = c.request(Request::get("/bytes/1000"));
@@ -246,4 +252,31 @@ fn a_reload_changes_address_validation_for_new_connections_only() {
     // The connection from before the reload was never retried and keeps working.
     get_ok(&mut before, "/bytes/1000");
     assert_eq!(counter(&spooky, "spooky_retries_sent_total", &[]), 1.0, "only the new connection was retried");
+}
+
+/// The embedded default serves `localhost` over IPv6 too: Chromium resolves it to `::1` first
+/// and does not fall back. Both sockets get the reuseport steering: migrations on either
+/// need no packet handed between workers.
+#[test]
+fn the_embedded_default_is_reachable_over_ipv4_and_ipv6_with_steering_on_both() {
+    let backend = Backend::start("edge-dual");
+    let default = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.yaml")).unwrap();
+    assert!(default.contains("127.0.0.1:8443") && default.contains("[::1]:8443"), "{default}");
+    let yaml = default
+        .replace(":8443", ":0")
+        .replace("127.0.0.1:8081", &backend.addr.to_string())
+        .replace("workers: auto", "workers: 2");
+    let spooky = Spooky::start(&yaml);
+    let line = spooky.proc.log_text();
+    let listen = line.lines().find(|l| l.contains("spooky ready")).and_then(|l| l.split("listen=").nth(1)).unwrap();
+    let addrs: Vec<std::net::SocketAddr> =
+        listen.split(' ').next().unwrap().split(',').map(|a| a.parse().unwrap()).collect();
+    assert_eq!(addrs.len(), 2, "{listen}");
+    assert!(addrs[0].is_ipv4() && addrs[1].is_ipv6(), "{addrs:?}");
+    for &addr in &addrs {
+        requests_across_rebinds_at(&spooky, addr, 6, 2);
+    }
+    let m = spooky.metrics();
+    assert_eq!(metric_sum(&m, "spooky_connection_migrations_total", &[]), 24.0);
+    assert_eq!(metric_sum(&m, "spooky_packets_forwarded_total", &[]), 0.0, "steered by CID on both families");
 }
