@@ -30,6 +30,11 @@ impl EdgeKeys {
                  secret, give each its own server_id, or they can reset each other's connections"
             );
         }
+        let secrets = config.quic.secret_key_file.iter().map(|f| ("quic.secret_key_file", f));
+        let keys = config.tls.key.iter().map(|f| ("tls.key", f));
+        for (key, file) in secrets.chain(keys) {
+            warn_if_others_can_read(key, file);
+        }
         let master = match (&config.quic.secret_key_file, &config.tls.key) {
             (Some(file), _) => std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
             (None, Some(key)) => std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
@@ -65,6 +70,24 @@ impl EdgeKeys {
     pub fn reset_token(&self, cid: &[u8]) -> u128 {
         let tag = hmac::sign(&self.reset, cid);
         u128::from_be_bytes(tag.as_ref()[..16].try_into().expect("HMAC-SHA256 is 32 bytes"))
+    }
+}
+
+/// Logs a warning when `file` (a secret) may be read by users other than its owner and group:
+/// with the TLS key or the QUIC secret, anyone on the machine could impersonate the server or
+/// forge its stateless resets and tokens.
+pub fn warn_if_others_can_read(key: &str, file: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(file) {
+        let mode = meta.permissions().mode();
+        if mode & 0o004 != 0 {
+            tracing::warn!(
+                key,
+                file = %file.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "a secret is readable by every user of this machine: chmod o-r (e.g. 0640 or 0600)"
+            );
+        }
     }
 }
 

@@ -81,16 +81,28 @@ fn a_restarted_spooky_resets_connections_it_forgot() {
     let backend = Backend::start("edge-reset");
     let key = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(key.path(), [0x5a; 32]).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(key.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
     let first = Spooky::start(&config(&backend, &format!("secret_key_file: {}", key.path().display())));
-    // A shareable secret with the default server id would let fleet nodes reset each other.
-    assert!(first.proc.log_text().contains("quic.server_id is the default 0"), "{}", first.proc.log_text());
+    // A shareable secret with the default server id would let fleet nodes reset each other,
+    // and one every user can read lets them forge resets and tokens.
+    let log = first.proc.log_text();
+    assert!(log.contains("quic.server_id is the default 0"), "{log}");
+    assert!(log.contains("a secret is readable by every user") && log.contains("mode=\"644\""), "{log}");
     let mut client = first.client_with(Options { timeout: Duration::from_secs(10), ..Options::default() });
     get_ok(&mut client, "/bytes/1000");
     let port = first.addr.port();
     drop(first);
     let again = config(&backend, &format!("secret_key_file: {}", key.path().display()))
         .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(key.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let second = Spooky::start(&again);
+    assert!(!second.proc.log_text().contains("readable by every user"), "0600 is private");
     // The new process has no state for the connection, but its reset token is the same: the
     // client learns at once instead of waiting for its idle timeout.
     match client.request(Request::get("/bytes/1000")) {
