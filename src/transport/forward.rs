@@ -149,15 +149,22 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
         let addr = up.pools[pool].backends[backend];
         ex.borrow_mut().upstream = Some(addr);
         let may_retry = attempt < attempts && up.retry_allowed(policy.retries.budget_percent);
-        let retry_status = may_retry && replayable;
-        let target = (pool, backend, addr);
-        let failed =
-            match attempt_once(up, ex, &parts, has_body, &mut upload, target, &policy, deadline, retry_status).await {
-                None => return,
-                // The failure is the client's doing (it reset the request): not the backend's.
-                Some(_) if ex.borrow().is_cancelled() => return,
-                Some(f) => f,
-            };
+        let on_backend = Attempt {
+            up,
+            ex,
+            parts: &parts,
+            has_body,
+            target: (pool, backend, addr),
+            policy: &policy,
+            deadline,
+            retry_status: may_retry && replayable,
+        };
+        let failed = match on_backend.run(&mut upload).await {
+            None => return,
+            // The failure is the client's doing (it reset the request): not the backend's.
+            Some(_) if ex.borrow().is_cancelled() => return,
+            Some(f) => f,
+        };
         // Nothing reached a backend on a failed connect or a refused stream, but a body may
         // only go out again if all of it that any stream was given is still held.
         let unprocessed = matches!(failed.kind, Kind::Retry(RetryOn::ConnectFailure | RetryOn::RefusedStream));
@@ -181,60 +188,6 @@ async fn run(up: &Upstreams, ex: &SharedExchange, out: Outbound) {
         last_failure = Some(failed);
     }
     unreachable!("the last attempt always returns");
-}
-
-/// One attempt on `target` (pool, backend, address): the request goes out on a stream, and
-/// again on a fresh one (up to [`MAX_REPLAYS`] times) whenever the backend did not process it.
-/// `None` when a response reached the client (fully, or until a reset after its head);
-/// otherwise why not.
-#[allow(clippy::too_many_arguments)]
-async fn attempt_once(
-    up: &Upstreams,
-    ex: &SharedExchange,
-    parts: &http::request::Parts,
-    has_body: bool,
-    upload: &mut Upload,
-    (pool, backend, addr): (usize, usize, SocketAddr),
-    policy: &RoutePolicy,
-    deadline: Instant,
-    retry_status: bool,
-) -> Option<Failed> {
-    let mut replays = 0;
-    loop {
-        let why =
-            match stream_once(up, ex, parts, has_body, upload, (pool, backend, addr), policy, deadline, retry_status)
-                .await
-            {
-                Streamed::Delivered => return None,
-                Streamed::Failed(failed) => {
-                    // Outlier detection hears of every failure except one the client caused by
-                    // cancelling (the body pump reset it upstream); a retried status was
-                    // recorded with its response.
-                    if matches!(failed.kind, Kind::Retry(_)) && !ex.borrow().is_cancelled() {
-                        up.record_health(pool, backend, true);
-                    }
-                    return Some(failed);
-                }
-                Streamed::Unprocessed(why) => why,
-            };
-        let detail = format!("{addr}: {}", why.as_str());
-        if !upload.replayable() {
-            metrics::counter!("spooky_upstream_replays_total", "outcome" => "body_not_held").increment(1);
-            tracing::info!(%addr, why = why.as_str(), limit = up.replay_buffer, "unprocessed request not replayed: its body outgrew the replay buffer");
-            return Some(Failed {
-                kind: Kind::Retry(RetryOn::RefusedStream),
-                status: StatusCode::BAD_GATEWAY,
-                detail: format!("{detail}; the request body outgrew the replay buffer"),
-            });
-        }
-        if replays == MAX_REPLAYS || Instant::now() >= deadline {
-            metrics::counter!("spooky_upstream_replays_total", "outcome" => "exhausted").increment(1);
-            return Some(Failed { kind: Kind::Retry(RetryOn::RefusedStream), status: StatusCode::BAD_GATEWAY, detail });
-        }
-        replays += 1;
-        metrics::counter!("spooky_upstream_replays_total", "outcome" => why.as_str()).increment(1);
-        tracing::debug!(%addr, why = why.as_str(), replays, "sending an unprocessed request again");
-    }
 }
 
 /// Why the backend did not process a stream (so sending it again is safe, whatever the method).
@@ -266,149 +219,205 @@ enum Streamed {
     Failed(Failed),
 }
 
-/// The request on one HTTP/2 stream, and its response back to the client.
-#[allow(clippy::too_many_arguments)]
-async fn stream_once(
-    up: &Upstreams,
-    ex: &SharedExchange,
-    parts: &http::request::Parts,
+/// One attempt: the request to one backend.
+struct Attempt<'a> {
+    up: &'a Upstreams,
+    ex: &'a SharedExchange,
+    parts: &'a http::request::Parts,
     has_body: bool,
-    upload: &mut Upload,
-    (pool, backend, addr): (usize, usize, SocketAddr),
-    policy: &RoutePolicy,
+    /// Pool, backend, address.
+    target: (usize, usize, SocketAddr),
+    policy: &'a RoutePolicy,
     deadline: Instant,
+    /// Whether a response status the route retries may be retried.
     retry_status: bool,
-) -> Streamed {
-    let failed = |kind: RetryOn, status: StatusCode, detail: String| {
-        Streamed::Failed(Failed { kind: Kind::Retry(kind), status, detail })
-    };
-    let (response, body_tx, conn) = {
-        let _pending = LoadGuard::pending(up, pool, backend);
-        let conn: Pooled = match pool::connection(&up.connections, addr, up.pools[pool].tls.as_ref()).await {
-            Ok(c) => c,
-            Err(e) => return failed(RetryOn::ConnectFailure, e.status(), format!("{addr}: {e}")),
-        };
-        let req = http::Request::from_parts(clone_parts(parts), ());
-        let sent = match conn.sender.clone().ready().await {
-            Ok(mut sender) => sender.send_request(req, !has_body),
-            Err(e) => Err(e),
-        };
-        match sent {
-            Ok((response, body_tx)) => (response, body_tx, conn),
-            // h2 opens no stream on a connection that got GOAWAY or failed: nothing was sent.
-            Err(e) => {
-                tracing::debug!(%addr, error = %e, "pooled upstream connection takes no new streams");
-                up.connections.borrow_mut().forget(&conn);
-                return Streamed::Unprocessed(Unprocessed::ConnectionClosing);
-            }
-        }
-    };
-    let mut active = LoadGuard::active(up, pool, backend);
-    // The balancer hears how the stream ended; a cancelled one only leaves (guard's drop).
-    let mut ended = |latency: Duration, ok: bool| {
-        if !ex.borrow().is_cancelled() {
-            active.end(latency, ok);
-        }
-    };
-    let sent_at = Instant::now();
-    let upload_progress = Cell::new(sent_at);
-    let body = async {
-        if has_body {
-            upload::pump(ex, body_tx, upload, &upload_progress).await
-        } else {
-            Sent::Complete
-        }
-    };
-    let mut pump = Pump { body: pin!(body), sent: None };
+}
 
-    // The head timeout starts once the request is fully sent, as in Envoy: an upload of any
-    // length is never cut short by it (a stalled client is bounded by the QUIC idle timeout).
-    // Until then the same timeout bounds a backend that stops taking the body (no HTTP/2
-    // window for that long): otherwise such an upload would wait for capacity forever.
-    let mut response = pin!(response);
-    let mut early = None;
-    while early.is_none() {
-        pump.poll_now();
-        if pump.sent.is_some() {
-            break;
-        }
-        let progress = upload_progress.get();
-        let mut stall = pin!(monoio::time::sleep_until((progress + policy.per_try_timeout).into()));
-        let woke = poll_fn(|cx| {
-            pump.poll(cx);
-            match response.as_mut().poll(cx) {
-                Poll::Ready(r) => Poll::Ready(Some(Some(r))),
-                Poll::Pending if pump.sent.is_some() => Poll::Ready(Some(None)),
-                Poll::Pending => stall.as_mut().poll(cx).map(|()| None),
+impl Attempt<'_> {
+    /// The request goes out on a stream, and again on a fresh one (up to [`MAX_REPLAYS`] times)
+    /// whenever the backend did not process it. `None` when a response reached the client
+    /// (fully, or until a reset after its head); otherwise why not.
+    async fn run(&self, upload: &mut Upload) -> Option<Failed> {
+        let (up, ex, deadline) = (self.up, self.ex, self.deadline);
+        let (pool, backend, addr) = self.target;
+        let mut replays = 0;
+        loop {
+            let why = match self.stream(upload).await {
+                Streamed::Delivered => return None,
+                Streamed::Failed(failed) => {
+                    // Outlier detection hears of every failure except one the client caused by
+                    // cancelling (the body pump reset it upstream); a retried status was
+                    // recorded with its response.
+                    if matches!(failed.kind, Kind::Retry(_)) && !ex.borrow().is_cancelled() {
+                        up.record_health(pool, backend, true);
+                    }
+                    return Some(failed);
+                }
+                Streamed::Unprocessed(why) => why,
+            };
+            let detail = format!("{addr}: {}", why.as_str());
+            if !upload.replayable() {
+                metrics::counter!("spooky_upstream_replays_total", "outcome" => "body_not_held").increment(1);
+                tracing::info!(%addr, why = why.as_str(), limit = up.replay_buffer, "unprocessed request not replayed: its body outgrew the replay buffer");
+                return Some(Failed {
+                    kind: Kind::Retry(RetryOn::RefusedStream),
+                    status: StatusCode::BAD_GATEWAY,
+                    detail: format!("{detail}; the request body outgrew the replay buffer"),
+                });
             }
-        })
-        .await;
-        match woke {
-            Some(Some(r)) => early = Some(r),
-            Some(None) => break,
-            None if upload_progress.get() == progress => {
-                ended(Duration::ZERO, false);
-                return failed(
-                    RetryOn::Timeout,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("{addr} took no request body for {:?}", policy.per_try_timeout),
-                );
+            if replays == MAX_REPLAYS || Instant::now() >= deadline {
+                metrics::counter!("spooky_upstream_replays_total", "outcome" => "exhausted").increment(1);
+                return Some(Failed {
+                    kind: Kind::Retry(RetryOn::RefusedStream),
+                    status: StatusCode::BAD_GATEWAY,
+                    detail,
+                });
             }
-            None => {}
+            replays += 1;
+            metrics::counter!("spooky_upstream_replays_total", "outcome" => why.as_str()).increment(1);
+            tracing::debug!(%addr, why = why.as_str(), replays, "sending an unprocessed request again");
         }
     }
-    let result = match early {
-        Some(r) => r,
-        None => {
-            let now = Instant::now();
-            let limit =
-                policy.per_try_timeout.min(deadline.saturating_duration_since(now)).max(Duration::from_millis(1));
-            match monoio::time::timeout(limit, pump.alongside(response.as_mut())).await {
-                Err(_) => {
+
+    /// The request on one HTTP/2 stream, and its response back to the client.
+    async fn stream(&self, upload: &mut Upload) -> Streamed {
+        let Attempt { up, ex, parts, has_body, policy, deadline, retry_status, .. } = *self;
+        let (pool, backend, addr) = self.target;
+        let failed = |kind: RetryOn, status: StatusCode, detail: String| {
+            Streamed::Failed(Failed { kind: Kind::Retry(kind), status, detail })
+        };
+        let (response, body_tx, conn) = {
+            let _pending = LoadGuard::pending(up, pool, backend);
+            let conn: Pooled = match pool::connection(&up.connections, addr, up.pools[pool].tls.as_ref()).await {
+                Ok(c) => c,
+                Err(e) => return failed(RetryOn::ConnectFailure, e.status(), format!("{addr}: {e}")),
+            };
+            let req = http::Request::from_parts(clone_parts(parts), ());
+            let sent = match conn.sender.clone().ready().await {
+                Ok(mut sender) => sender.send_request(req, !has_body),
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok((response, body_tx)) => (response, body_tx, conn),
+                // h2 opens no stream on a connection that got GOAWAY or failed: nothing was sent.
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "pooled upstream connection takes no new streams");
+                    up.connections.borrow_mut().forget(&conn);
+                    return Streamed::Unprocessed(Unprocessed::ConnectionClosing);
+                }
+            }
+        };
+        let mut active = LoadGuard::active(up, pool, backend);
+        // The balancer hears how the stream ended; a cancelled one only leaves (guard's drop).
+        let mut ended = |latency: Duration, ok: bool| {
+            if !ex.borrow().is_cancelled() {
+                active.end(latency, ok);
+            }
+        };
+        let sent_at = Instant::now();
+        let upload_progress = Cell::new(sent_at);
+        let body = async {
+            if has_body {
+                upload::pump(ex, body_tx, upload, &upload_progress).await
+            } else {
+                Sent::Complete
+            }
+        };
+        let mut pump = Pump { body: pin!(body), sent: None };
+
+        // The head timeout starts once the request is fully sent, as in Envoy: an upload of any
+        // length is never cut short by it (a stalled client is bounded by the QUIC idle timeout).
+        // Until then the same timeout bounds a backend that stops taking the body (no HTTP/2
+        // window for that long): otherwise such an upload would wait for capacity forever.
+        let mut response = pin!(response);
+        let mut early = None;
+        while early.is_none() {
+            pump.poll_now();
+            if pump.sent.is_some() {
+                break;
+            }
+            let progress = upload_progress.get();
+            let mut stall = pin!(monoio::time::sleep_until((progress + policy.per_try_timeout).into()));
+            let woke = poll_fn(|cx| {
+                pump.poll(cx);
+                match response.as_mut().poll(cx) {
+                    Poll::Ready(r) => Poll::Ready(Some(Some(r))),
+                    Poll::Pending if pump.sent.is_some() => Poll::Ready(Some(None)),
+                    Poll::Pending => stall.as_mut().poll(cx).map(|()| None),
+                }
+            })
+            .await;
+            match woke {
+                Some(Some(r)) => early = Some(r),
+                Some(None) => break,
+                None if upload_progress.get() == progress => {
                     ended(Duration::ZERO, false);
                     return failed(
                         RetryOn::Timeout,
                         StatusCode::GATEWAY_TIMEOUT,
-                        format!("{addr} did not answer in time"),
+                        format!("{addr} took no request body for {:?}", policy.per_try_timeout),
                     );
                 }
-                Ok(r) => r,
+                None => {}
             }
         }
-    };
-    let response = match result {
-        Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
-            ended(Duration::ZERO, true);
-            return Streamed::Unprocessed(Unprocessed::Refused);
+        let result = match early {
+            Some(r) => r,
+            None => {
+                let now = Instant::now();
+                let limit =
+                    policy.per_try_timeout.min(deadline.saturating_duration_since(now)).max(Duration::from_millis(1));
+                match monoio::time::timeout(limit, pump.alongside(response.as_mut())).await {
+                    Err(_) => {
+                        ended(Duration::ZERO, false);
+                        return failed(
+                            RetryOn::Timeout,
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!("{addr} did not answer in time"),
+                        );
+                    }
+                    Ok(r) => r,
+                }
+            }
+        };
+        let response = match result {
+            Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+                ended(Duration::ZERO, true);
+                return Streamed::Unprocessed(Unprocessed::Refused);
+            }
+            // h2 fails exactly the streams above a GOAWAY's last stream id with the peer's GOAWAY
+            // (the others go on, or fail with the connection's I/O error).
+            Err(e) if e.is_go_away() && e.is_remote() => {
+                ended(Duration::ZERO, true);
+                return Streamed::Unprocessed(Unprocessed::AboveGoaway);
+            }
+            Err(e) => {
+                ended(Duration::ZERO, false);
+                return failed(RetryOn::Reset, StatusCode::BAD_GATEWAY, format!("{addr} failed: {e}"));
+            }
+            Ok(r) => r,
+        };
+        let status = response.status();
+        let latency = sent_at.elapsed();
+        let gateway_failure = matches!(status.as_u16(), 502..=504);
+        ended(latency, !gateway_failure);
+        up.record_health(pool, backend, gateway_failure);
+        if retry_status && policy.retries.statuses.contains(&status.as_u16()) {
+            // Dropping the response resets the upstream stream; the client sees the next attempt.
+            return Streamed::Failed(Failed {
+                kind: Kind::Status,
+                status,
+                detail: format!("{addr} answered {status}"),
+            });
         }
-        // h2 fails exactly the streams above a GOAWAY's last stream id with the peer's GOAWAY
-        // (the others go on, or fail with the connection's I/O error).
-        Err(e) if e.is_go_away() && e.is_remote() => {
-            ended(Duration::ZERO, true);
-            return Streamed::Unprocessed(Unprocessed::AboveGoaway);
+        ex.borrow_mut().upstream_time = Some(latency);
+        stream_response(up, ex, response, conn.held_bytes(), &mut pump).await;
+        // The response is complete: the body goes on until the backend has it or stops taking it.
+        if pump.finish().await == Sent::Refused {
+            ex.borrow_mut().abandon_request();
         }
-        Err(e) => {
-            ended(Duration::ZERO, false);
-            return failed(RetryOn::Reset, StatusCode::BAD_GATEWAY, format!("{addr} failed: {e}"));
-        }
-        Ok(r) => r,
-    };
-    let status = response.status();
-    let latency = sent_at.elapsed();
-    let gateway_failure = matches!(status.as_u16(), 502..=504);
-    ended(latency, !gateway_failure);
-    up.record_health(pool, backend, gateway_failure);
-    if retry_status && policy.retries.statuses.contains(&status.as_u16()) {
-        // Dropping the response resets the upstream stream; the client sees the next attempt.
-        return Streamed::Failed(Failed { kind: Kind::Status, status, detail: format!("{addr} answered {status}") });
+        Streamed::Delivered
     }
-    ex.borrow_mut().upstream_time = Some(latency);
-    stream_response(up, ex, response, conn.held_bytes(), &mut pump).await;
-    // The response is complete: the body goes on until the backend has it or stops taking it.
-    if pump.finish().await == Sent::Refused {
-        ex.borrow_mut().abandon_request();
-    }
-    Streamed::Delivered
 }
 
 /// A stream's request-body pump, polled alongside whatever the stream awaits: it is dropped
