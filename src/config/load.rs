@@ -85,7 +85,7 @@ fn bad(key: impl Into<String>, problem: impl Into<String>) -> Invalid {
 
 /// Semantic checks that the schema cannot express, among them the legal range of every
 /// number, duration and size ([`ranges`]). Fills resolved fields (backend addresses, absolute
-/// certificate paths).
+/// certificate paths, the contents of upstream CA files).
 pub(crate) fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
     if c.listen.is_empty() {
         return Err(bad("listen", "at least one address is required"));
@@ -126,12 +126,15 @@ pub(crate) fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
             _ => {}
         }
         validate_resilience(name, pool)?;
-        if let Some(ca) = pool.tls.as_mut().and_then(|t| t.ca.as_mut()) {
-            let path = base.join(&*ca);
-            std::fs::read(&path).map_err(|e| {
-                bad(format!("upstreams.{name}.tls.ca"), format!("cannot read `{}`: {e}", path.display()))
-            })?;
-            *ca = path;
+        if let Some(tls) = pool.tls.as_mut() {
+            if let Some(ca) = tls.ca.as_mut() {
+                // Read here, once, on the control thread: workers build their verifiers from
+                // these bytes and never open the file.
+                let path = base.join(&*ca);
+                let pem = read_pem(&format!("upstreams.{name}.tls.ca"), &path, "CERTIFICATE-----")?;
+                *ca = path;
+                tls.ca_pem = Some(FileBytes(pem.into_bytes().into()));
+            }
         }
         for (i, b) in pool.backends.iter_mut().enumerate() {
             let key = format!("upstreams.{name}.backends[{i}]");

@@ -31,8 +31,8 @@ pub struct Snapshot {
     pub version: u64,
     /// First 16 hex digits of the SHA-256 of the file's text.
     pub hash: String,
-    /// SHA-256 of the text and of the certificate and key files it names: equal fingerprints
-    /// mean a reload would change nothing.
+    /// SHA-256 of the text and of the certificate, key and CA files it names: equal
+    /// fingerprints mean a reload would change nothing.
     pub fingerprint: [u8; 32],
     pub source: Source,
     pub loaded_at: SystemTime,
@@ -66,6 +66,9 @@ impl Snapshot {
         // is new on every load and is not worth a reload by itself.)
         for file in tls.files() {
             fp.update(file);
+        }
+        for ca in config.upstreams.values().filter_map(|u| u.tls.as_ref()?.ca_pem.as_ref()) {
+            fp.update(&ca.0);
         }
         Ok(Snapshot {
             version,
