@@ -72,7 +72,8 @@ pub struct WorkerCtx {
     pub header_policy: HeaderPolicy,
     /// Status and body when no route matches.
     pub no_route: (http::StatusCode, String),
-    /// Slow request bodies: the grace period and the minimum average rate (bytes/s, 0: off).
+    /// Slow request bodies: the grace period and the minimum average rate (bytes/s, 0: off)
+    /// for requests starting now; a request keeps the pair it started with.
     pub body_grace: std::time::Duration,
     pub body_min_rate: u64,
     pub metrics: WorkerMetrics,
