@@ -20,6 +20,7 @@ use crate::bridge::{response, CONNECTION_SPECIFIC};
 use crate::config::{self, Config, ForwardedMode, HeaderPolicy};
 use crate::control::mailbox::{self, AttachedMailbox};
 use crate::control::snapshot::{Snapshot, Source};
+use crate::control::ControlLink;
 use crate::edge::cid::{self, CidGenerator, CID_LEN, WORKER_OFFSET};
 use crate::edge::keys::EdgeKeys;
 use crate::edge::retry::{self, TokenError};
@@ -517,9 +518,10 @@ impl EdgeHarness {
             let peer = boxes.pop().expect("two mailboxes").attach()?;
             let strays = boxes.pop().expect("two mailboxes").attach()?;
             let (_link, inbox) = mailbox::mailbox(None)?;
+            // Nobody listens to acknowledgements here.
+            let control = ControlLink { inbox: inbox.attach()?, acks: crossbeam_channel::unbounded().0 };
             let ctx = WorkerCtx::new(0, snap, logger.clone(), None)?;
-            let worker =
-                Worker::new(0, vec![socket], snap, ctx, inbox.attach()?, Mesh { peers, strays }, keys.clone())?;
+            let worker = Worker::new(0, vec![socket], snap, ctx, control, Mesh { peers, strays }, keys.clone())?;
             anyhow::Ok((worker, peer))
         })?;
         self.worker = Some(worker);

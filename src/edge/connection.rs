@@ -11,6 +11,7 @@
 use super::worker::WorkerCtx;
 use crate::bridge::exchange::{Exchange, Failure, SharedExchange, StreamKey};
 use crate::bridge::{h3_error, request, response};
+use crate::control::fault;
 use crate::route::RequestView;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::RouteMetrics;
@@ -344,6 +345,7 @@ impl Connection {
             Ok(h) => h,
             Err(e) => return self.reject_unregistered(ctx, sid, e),
         };
+        fault::on_request(&head.path);
         let request_id = ctx.request_ids.borrow_mut().ensure(&mut head.headers);
         let log = ctx.access_log.enabled().then(|| {
             Box::new(LogInfo {

@@ -20,3 +20,4 @@ mod reload_inflight;
 mod resilience;
 mod tls;
 mod upstream_pool;
+mod worker_panic;

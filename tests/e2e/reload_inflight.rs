@@ -1,7 +1,9 @@
 //! Reloads while requests are in flight: a request keeps the values it started with (the
-//! slow-body pace among them), so a reload can never combine an old deadline with a new rate.
+//! slow-body pace among them), so a reload can never combine an old deadline with a new rate;
+//! and the version Spooky reports is the one every worker has acknowledged.
 
-use crate::harness::{metric_sum, Backend, Legit, Spooky};
+use crate::harness::{metric_sum, Backend, Legit, Spooky, PREAMBLE};
+use crate::worker_panic::{client_on, FAULTS};
 use sha2::{Digest, Sha256};
 use spooky::tools::h3client::{Body, Options, Request};
 use spooky::tools::pattern;
@@ -68,4 +70,52 @@ fn turning_the_body_rate_off_mid_upload_keeps_the_upload_and_the_process() {
     let mut spooky = spooky;
     assert!(spooky.proc.child.try_wait().unwrap().is_none(), "the process is still up");
     assert!(!spooky.proc.log_text().contains("panicked"), "{}", spooky.proc.log_text());
+}
+
+/// While worker 0 is blocked (fault injection), it cannot acknowledge a reload: the version
+/// reported stays the old one, the new one is pending, and both move once worker 0 catches up.
+#[test]
+fn config_version_is_the_one_every_worker_acknowledged() {
+    let backend = Backend::start("a");
+    let text = |weight: u32| {
+        format!(
+            "{PREAMBLE}upstreams:\n  main: {{ backends: [{{ address: \"{}\", weight: {weight} }}] }}\nroutes: [{{ upstream: main }}]\nadmin: {{ listen: 127.0.0.1:0, token: a-token-of-twenty-chars }}\n",
+            backend.addr
+        )
+    };
+    let spooky = Spooky::start_with_env(&text(1), &FAULTS);
+    let config = || -> serde_json::Value { serde_json::from_str(&spooky.admin_get("/config").1).unwrap() };
+    let v = config();
+    assert_eq!((v["version"].as_u64(), v["pending"].is_null()), (Some(1), true), "{v}");
+    assert_eq!(v["worker_versions"], serde_json::json!([1, 1]), "{v}");
+
+    let mut stalled = client_on(&spooky, "0", &Options::default());
+    let stall = std::thread::spawn(move || stalled.request(Request::get("/.spooky-fault/stall?ms=3000")));
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&spooky.config, text(2)).unwrap();
+    spooky.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let v = loop {
+        let v = config();
+        if v["worker_versions"] == serde_json::json!([1, 2]) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "worker 1 never acknowledged version 2: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!((v["version"].as_u64(), v["pending"]["version"].as_u64()), (Some(1), Some(2)), "{v}");
+    let m = spooky.metrics();
+    assert_eq!(metric_sum(&m, "spooky_config_version", &[]), 1.0);
+    assert_eq!(metric_sum(&m, "spooky_config_version_pending", &[]), 2.0);
+    // `POST /reload` answers once every worker runs the version: after the stall.
+    let (status, body) = spooky.admin_request("POST", "/reload", Some("a-token-of-twenty-chars"));
+    assert_eq!((status, body.as_str()), (200, "reloaded: version 2\n"));
+    assert_eq!(stall.join().unwrap().expect("the stalled request is answered").status, 200);
+    let v = wait_for_hash(&spooky, &text(2));
+    assert_eq!(v["version"], 2);
+    assert_eq!(v["worker_versions"], serde_json::json!([2, 2]), "{v}");
+    assert!(v["pending"].is_null(), "{v}");
+    let m = spooky.metrics();
+    assert_eq!(metric_sum(&m, "spooky_config_version", &[]), 2.0);
+    assert_eq!(metric_sum(&m, "spooky_config_version_pending", &[]), 0.0);
 }
