@@ -485,6 +485,25 @@ routes:
     }
 
     #[test]
+    fn an_upstream_ca_file_is_read_once_by_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::tools::certs::ecdsa_key().unwrap();
+        let pem = crate::tools::certs::self_signed(&key, &["backend.test"]).unwrap().to_pem().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &pem).unwrap();
+        let yaml = GOOD.replace("    backends:", "    tls: { ca: ca.pem }\n    backends:");
+        let c = parse(&yaml, "t.yaml", dir.path()).unwrap();
+        let tls = c.upstreams["demo"].tls.as_ref().unwrap();
+        assert_eq!(tls.ca_pem.as_ref().map(|p| p.0.to_vec()), Some(pem));
+        // Workers build their verifier from the bytes: the file is not needed any more.
+        std::fs::remove_file(dir.path().join("ca.pem")).unwrap();
+        crate::transport::tls::TlsUpstream::new(tls).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+        let e = parse(&yaml, "t.yaml", dir.path()).unwrap_err();
+        assert_eq!(e.key, "upstreams.demo.tls.ca");
+        assert!(e.problem.contains("holds no PEM `CERTIFICATE` block"), "{e}");
+    }
+
+    #[test]
     fn embedded_default_is_valid() {
         parse(DEFAULT_CONFIG_YAML, "default", Path::new(".")).unwrap();
     }
