@@ -14,6 +14,7 @@
 //! | [`cid_steering`] | the reuseport cBPF program (interpreted) against the rule in plain Rust |
 //! | [`retry_token`] | Retry tokens: no forgery, seal/open round trip, any change refused |
 //! | [`datagram_entry`] | one datagram into a real worker's receive path |
+//! | [`reload_apply`] | configuration A on a worker with requests in flight, then B applied as a reload applies it |
 
 use crate::bridge::request::{self, RequestIds};
 use crate::bridge::{response, CONNECTION_SPECIFIC};
@@ -34,6 +35,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
+
+mod reload_apply;
+pub use reload_apply::{reload_apply, reload_seeds};
 
 // ---------------------------------------------------------------------------------------------
 // h3_request_head

@@ -225,7 +225,7 @@ impl Worker {
     }
 
     /// Steps 1-5 of the loop; true if a socket may have more to read. Timers fire as if the
-    /// clock were `timers_ahead` later (zero here).
+    /// clock were `timers_ahead` later: zero, except when fuzzing simulates time passing.
     async fn turn(&mut self, timers_ahead: Duration) -> bool {
         let mut buf = std::mem::take(&mut self.recv_buf);
         let more_waiting = self.receive(&mut buf);
@@ -750,9 +750,24 @@ fn mark_dirty(dirty: &mut Vec<u64>, conn: &mut Connection) {
     }
 }
 
-// Entry points for `crate::fuzzing` (the `datagram_entry` fuzz target and its regression
-// tests), kept in their own block, apart from the loop above.
+// Entry points for `crate::fuzzing` (the `datagram_entry` and `reload_apply` fuzz targets
+// and their regression tests), kept in their own block, apart from the loop above.
 impl Worker {
+    /// One turn of the loop (without its wait), timers firing as if `ahead` had passed.
+    pub async fn turn_ahead(&mut self, ahead: Duration) {
+        self.turn(ahead).await;
+    }
+
+    /// Applies what the control thread sent, as the loop does between turns.
+    pub fn handle_control_now(&mut self) {
+        self.handle_control();
+    }
+
+    /// The version of the snapshot in use.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// Handles one datagram received on socket `si` from `from`, exactly as the loop does
     /// (`on_datagram`): parse, steer, admit, and feed to quiche.
     pub fn receive_datagram(&mut self, si: usize, pkt: &mut [u8], from: SocketAddr) {
