@@ -14,12 +14,14 @@
 //! | [`cid_steering`] | the reuseport cBPF program (interpreted) against the rule in plain Rust |
 //! | [`retry_token`] | Retry tokens: no forgery, seal/open round trip, any change refused |
 //! | [`datagram_entry`] | one datagram into a real worker's receive path |
+//! | [`reload_apply`] | configuration A on a worker with requests in flight, then B applied as a reload applies it |
 
 use crate::bridge::request::{self, RequestIds};
 use crate::bridge::{response, CONNECTION_SPECIFIC};
 use crate::config::{self, Config, ForwardedMode, HeaderPolicy};
 use crate::control::mailbox::{self, AttachedMailbox};
 use crate::control::snapshot::{Snapshot, Source};
+use crate::control::ControlLink;
 use crate::edge::cid::{self, CidGenerator, CID_LEN, WORKER_OFFSET};
 use crate::edge::keys::EdgeKeys;
 use crate::edge::retry::{self, TokenError};
@@ -33,6 +35,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
+
+mod reload_apply;
+pub use reload_apply::{reload_apply, reload_seeds};
 
 // ---------------------------------------------------------------------------------------------
 // h3_request_head
@@ -517,9 +522,10 @@ impl EdgeHarness {
             let peer = boxes.pop().expect("two mailboxes").attach()?;
             let strays = boxes.pop().expect("two mailboxes").attach()?;
             let (_link, inbox) = mailbox::mailbox(None)?;
+            // Nobody listens to acknowledgements here.
+            let control = ControlLink { inbox: inbox.attach()?, acks: crossbeam_channel::unbounded().0 };
             let ctx = WorkerCtx::new(0, snap, logger.clone(), None)?;
-            let worker =
-                Worker::new(0, vec![socket], snap, ctx, inbox.attach()?, Mesh { peers, strays }, keys.clone())?;
+            let worker = Worker::new(0, vec![socket], snap, ctx, control, Mesh { peers, strays }, keys.clone())?;
             anyhow::Ok((worker, peer))
         })?;
         self.worker = Some(worker);

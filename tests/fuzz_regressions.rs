@@ -51,9 +51,14 @@ fn datagram_entry() {
     replay("datagram_entry", spooky::fuzzing::datagram_entry);
 }
 
+#[test]
+fn reload_apply() {
+    replay("reload_apply", spooky::fuzzing::reload_apply);
+}
+
 /// Writes the hand-made seeds of `fuzz/corpus/` (run with `--ignored` after changing them):
 /// real datagrams for `datagram_entry` (and `cid_steering`), the shipped configurations for
-/// `config_parse`.
+/// `config_parse`, inputs of chosen shapes for `reload_apply`.
 #[test]
 #[ignore]
 fn write_seed_corpora() {
@@ -101,5 +106,8 @@ fn write_seed_corpora() {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     for (name, file) in [("default.yaml", "config/default.yaml"), ("spooky.yaml", "config/spooky.yaml")] {
         write("config_parse", name, &std::fs::read(manifest.join(file)).unwrap());
+    }
+    for (name, input) in spooky::fuzzing::reload_seeds() {
+        write("reload_apply", name, &input);
     }
 }

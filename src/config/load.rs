@@ -1,11 +1,11 @@
 //! Loading and validating a configuration file as a whole.
 
+use super::ranges::{self, Invalid, DAY, GIB, HOUR, KIB, MIB, MINUTE, MS, SECOND};
 use super::schema::*;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::ToSocketAddrs;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
 /// The embedded default configuration: Spooky in front of the demo backend on 127.0.0.1:8081,
 /// with a self-signed certificate. Used by `spooky run` without `--config`.
@@ -79,67 +79,30 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError>
     Ok(config)
 }
 
-type Invalid = (String, String);
-
 fn bad(key: impl Into<String>, problem: impl Into<String>) -> Invalid {
     (key.into(), problem.into())
 }
 
-/// Semantic checks that the schema cannot express. Fills resolved fields (backend addresses,
-/// absolute certificate paths).
+/// Semantic checks that the schema cannot express, among them the legal range of every
+/// number, duration and size ([`ranges`]). Fills resolved fields (backend addresses, absolute
+/// certificate paths, the contents of upstream CA files).
 pub(crate) fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
     if c.listen.is_empty() {
         return Err(bad("listen", "at least one address is required"));
     }
     if let Workers::Count(n) = c.workers {
+        // The worker id is one byte of every connection ID.
         if !(1..=256).contains(&n) {
             return Err(bad("workers", format!("must be `auto` or 1..=256, got {n}")));
         }
     }
     validate_tls(&mut c.tls, base)?;
     validate_quic(&mut c.quic, base)?;
-    for (key, d) in [
-        ("timeouts.connect", c.timeouts.connect.0),
-        ("timeouts.request", c.timeouts.request.0),
-        ("timeouts.idle", c.timeouts.idle.0),
-        ("timeouts.drain", c.timeouts.drain.0),
-        ("timeouts.client_read", c.timeouts.client_read.0),
-    ] {
-        if d.is_zero() {
-            return Err(bad(key, "must be greater than zero"));
-        }
-    }
+    validate_timeouts(&c.timeouts)?;
     if c.headers.via_name.is_empty() || !c.headers.via_name.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(bad("headers.via_name", "must be a non-empty token without spaces"));
     }
-    let h2 = &c.upstream_h2;
-    if !(65_535..=(1 << 31) - 1).contains(&h2.stream_window.0) {
-        return Err(bad("upstream_h2.stream_window", "must be between 65535 and 2^31-1 bytes"));
-    }
-    if !(h2.stream_window.0..=(1 << 31) - 1).contains(&h2.connection_window.0) {
-        return Err(bad(
-            "upstream_h2.connection_window",
-            "must be at least upstream_h2.stream_window and at most 2^31-1 bytes",
-        ));
-    }
-    if !(16_384..=16_777_215).contains(&h2.max_frame_size.0) {
-        return Err(bad("upstream_h2.max_frame_size", "must be between 16384 and 16777215 (RFC 9113 §6.5.2)"));
-    }
-    if !(1..=64).contains(&h2.max_connections_per_backend) {
-        return Err(bad("upstream_h2.max_connections_per_backend", "must be 1..=64"));
-    }
-    if h2.max_requests_per_connection == 0 {
-        return Err(bad("upstream_h2.max_requests_per_connection", "must be at least 1"));
-    }
-    if h2.replay_buffer.0 > 16 << 20 {
-        return Err(bad(
-            "upstream_h2.replay_buffer",
-            "must be at most 16MiB (0: only requests without a body are replayed)",
-        ));
-    }
-    if h2.keepalive_timeout.0.is_zero() {
-        return Err(bad("upstream_h2.keepalive_timeout", "must be greater than zero"));
-    }
+    validate_upstream_h2(&c.upstream_h2)?;
     if c.upstreams.is_empty() {
         return Err(bad("upstreams", "at least one upstream pool is required"));
     }
@@ -163,18 +126,19 @@ pub(crate) fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
             _ => {}
         }
         validate_resilience(name, pool)?;
-        if let Some(ca) = pool.tls.as_mut().and_then(|t| t.ca.as_mut()) {
-            let path = base.join(&*ca);
-            std::fs::read(&path).map_err(|e| {
-                bad(format!("upstreams.{name}.tls.ca"), format!("cannot read `{}`: {e}", path.display()))
-            })?;
-            *ca = path;
+        if let Some(tls) = pool.tls.as_mut() {
+            if let Some(ca) = tls.ca.as_mut() {
+                // Read here, once, on the control thread: workers build their verifiers from
+                // these bytes and never open the file.
+                let path = base.join(&*ca);
+                let pem = read_pem(&format!("upstreams.{name}.tls.ca"), &path, "CERTIFICATE-----")?;
+                *ca = path;
+                tls.ca_pem = Some(FileBytes(pem.into_bytes().into()));
+            }
         }
         for (i, b) in pool.backends.iter_mut().enumerate() {
             let key = format!("upstreams.{name}.backends[{i}]");
-            if b.weight == 0 || b.weight > 10_000 {
-                return Err(bad(format!("{key}.weight"), format!("must be 1..=10000, got {}", b.weight)));
-            }
+            ranges::count(&format!("{key}.weight"), b.weight.into(), 1, 10_000)?;
             b.addr = resolve(&b.address).map_err(|p| bad(format!("{key}.address"), p))?;
         }
     }
@@ -193,68 +157,7 @@ pub(crate) fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
         return Err(bad("routes", "at least one route is required"));
     }
     for (i, r) in c.routes.iter().enumerate() {
-        let key = format!("routes[{i}]");
-        if !c.upstreams.contains_key(&r.upstream) {
-            let known: Vec<&str> = c.upstreams.keys().map(String::as_str).collect();
-            return Err(bad(
-                format!("{key}.upstream"),
-                format!("unknown upstream `{}` (defined: {})", r.upstream, known.join(", ")),
-            ));
-        }
-        if !r.path_prefix.starts_with('/') {
-            return Err(bad(format!("{key}.path_prefix"), format!("must start with `/`, got `{}`", r.path_prefix)));
-        }
-        if let Some(l) = &r.rate_limit {
-            if !(l.rate.is_finite() && l.rate > 0.0) || l.burst == 0 {
-                return Err(bad(format!("{key}.rate_limit"), "need rate > 0 and burst >= 1"));
-            }
-        }
-        let rt = &r.retries;
-        if rt.attempts > 10 {
-            return Err(bad(format!("{key}.retries.attempts"), "at most 10"));
-        }
-        if !(1..=100).contains(&rt.budget_percent) {
-            return Err(bad(format!("{key}.retries.budget_percent"), "must be 1..=100"));
-        }
-        if let Some(s) = rt.statuses.iter().find(|s| !(100..=599).contains(*s)) {
-            return Err(bad(format!("{key}.retries.statuses"), format!("{s} is not an HTTP status")));
-        }
-        if rt.per_try_timeout.is_some_and(|t| t.0.is_zero()) || r.request_timeout.is_some_and(|t| t.0.is_zero()) {
-            return Err(bad(key.clone(), "timeouts must be greater than zero"));
-        }
-        if let Some(exact) = &r.path_exact {
-            if !exact.starts_with('/') || exact.contains('?') {
-                return Err(bad(
-                    format!("{key}.path_exact"),
-                    format!("must start with `/` and hold no query, got `{exact}`"),
-                ));
-            }
-        }
-        for (j, m) in r.methods.iter().enumerate() {
-            if http::Method::from_bytes(m.as_bytes()).is_err() || m.bytes().any(|b| b.is_ascii_lowercase()) {
-                return Err(bad(format!("{key}.methods[{j}]"), format!("`{m}` is not an upper-case HTTP method")));
-            }
-        }
-        for (j, h) in r.headers.iter().enumerate() {
-            if http::HeaderName::from_bytes(h.name.as_bytes()).is_err()
-                || h.name.bytes().any(|b| b.is_ascii_uppercase())
-            {
-                return Err(bad(
-                    format!("{key}.headers[{j}].name"),
-                    format!("`{}` is not a lower-case header name", h.name),
-                ));
-            }
-        }
-        let host = r.host.strip_prefix("*.").unwrap_or(&r.host);
-        let valid_host = r.host == "*"
-            || (!host.is_empty()
-                && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':'));
-        if !valid_host || r.host.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Err(bad(
-                format!("{key}.host"),
-                format!("`{}` is not `*`, a lower-case host name, or `*.suffix`", r.host),
-            ));
-        }
+        validate_route(&format!("routes[{i}]"), r, c)?;
     }
     if http::StatusCode::from_u16(c.no_route.status).is_err() || c.no_route.status < 200 {
         return Err(bad("no_route.status", format!("`{}` is not a final HTTP status", c.no_route.status)));
@@ -262,25 +165,118 @@ pub(crate) fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
     if c.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
         return Err(bad("log.level", format!("`{}` is not a valid log filter", c.log.level)));
     }
+    ranges::count("access_log.buffer", c.access_log.buffer as u64, 1, 1 << 20)?;
+    Ok(())
+}
+
+fn validate_timeouts(t: &Timeouts) -> Result<(), Invalid> {
+    ranges::duration("timeouts.connect", t.connect.0, MS, 10 * MINUTE)?;
+    ranges::duration("timeouts.request", t.request.0, MS, DAY)?;
+    ranges::duration("timeouts.idle", t.idle.0, 100 * MS, DAY)?;
+    ranges::duration("timeouts.drain", t.drain.0, MS, HOUR)?;
+    // The grace is also how far an excused deadline moves: a tiny one would re-fire at once.
+    ranges::duration("timeouts.body_grace", t.body_grace.0, 100 * MS, HOUR)?;
+    ranges::size_or_off("timeouts.body_min_rate", t.body_min_rate.0, 1, GIB)?;
+    ranges::duration("timeouts.client_read", t.client_read.0, 100 * MS, DAY)
+}
+
+fn validate_upstream_h2(h2: &UpstreamH2) -> Result<(), Invalid> {
+    // HTTP/2 windows are 31-bit (RFC 9113 §6.9.1), frame sizes 2^14..2^24-1 (§6.5.2).
+    let window = "RFC 9113 §6.9.1";
+    ranges::because(ranges::size("upstream_h2.stream_window", h2.stream_window.0, 65_535, (1 << 31) - 1), window)?;
+    ranges::because(
+        ranges::size("upstream_h2.connection_window", h2.connection_window.0, h2.stream_window.0, (1 << 31) - 1),
+        "at least upstream_h2.stream_window; RFC 9113 §6.9.1",
+    )?;
+    ranges::because(
+        ranges::size("upstream_h2.max_frame_size", h2.max_frame_size.0, 16_384, 16_777_215),
+        "RFC 9113 §6.5.2",
+    )?;
+    ranges::count("upstream_h2.max_connections_per_backend", h2.max_connections_per_backend as u64, 1, 64)?;
+    ranges::duration_or_off("upstream_h2.keepalive_interval", h2.keepalive_interval.0, 100 * MS, HOUR)?;
+    ranges::duration("upstream_h2.keepalive_timeout", h2.keepalive_timeout.0, MS, 10 * MINUTE)?;
+    ranges::duration_or_off("upstream_h2.idle_timeout", h2.idle_timeout.0, 10 * MS, DAY)?;
+    ranges::count("upstream_h2.max_requests_per_connection", h2.max_requests_per_connection as u64, 1, 1 << 31)?;
+    // 0: only requests without a body are sent again when a backend did not process them.
+    ranges::size_or_off("upstream_h2.replay_buffer", h2.replay_buffer.0, 1, 16 << 20)
+}
+
+fn validate_route(key: &str, r: &Route, c: &Config) -> Result<(), Invalid> {
+    if !c.upstreams.contains_key(&r.upstream) {
+        let known: Vec<&str> = c.upstreams.keys().map(String::as_str).collect();
+        return Err(bad(
+            format!("{key}.upstream"),
+            format!("unknown upstream `{}` (defined: {})", r.upstream, known.join(", ")),
+        ));
+    }
+    if !r.path_prefix.starts_with('/') {
+        return Err(bad(format!("{key}.path_prefix"), format!("must start with `/`, got `{}`", r.path_prefix)));
+    }
+    if let Some(t) = r.request_timeout {
+        ranges::duration(&format!("{key}.request_timeout"), t.0, MS, DAY)?;
+    }
+    if let Some(l) = &r.rate_limit {
+        // The rate is split across workers and turned into a `retry-after` wait (1 / rate).
+        ranges::rate(&format!("{key}.rate_limit.rate"), l.rate, 0.001, 1e9)?;
+        ranges::count(&format!("{key}.rate_limit.burst"), l.burst.into(), 1, 1_000_000_000)?;
+    }
+    let rt = &r.retries;
+    ranges::count(&format!("{key}.retries.attempts"), rt.attempts.into(), 0, 10)?;
+    ranges::count(&format!("{key}.retries.budget_percent"), rt.budget_percent.into(), 1, 100)?;
+    if let Some(s) = rt.statuses.iter().find(|s| !(100..=599).contains(*s)) {
+        return Err(bad(format!("{key}.retries.statuses"), format!("{s} is not an HTTP status")));
+    }
+    if let Some(t) = rt.per_try_timeout {
+        ranges::duration(&format!("{key}.retries.per_try_timeout"), t.0, MS, DAY)?;
+    }
+    if let Some(exact) = &r.path_exact {
+        if !exact.starts_with('/') || exact.contains('?') {
+            return Err(bad(
+                format!("{key}.path_exact"),
+                format!("must start with `/` and hold no query, got `{exact}`"),
+            ));
+        }
+    }
+    for (j, m) in r.methods.iter().enumerate() {
+        if http::Method::from_bytes(m.as_bytes()).is_err() || m.bytes().any(|b| b.is_ascii_lowercase()) {
+            return Err(bad(format!("{key}.methods[{j}]"), format!("`{m}` is not an upper-case HTTP method")));
+        }
+    }
+    for (j, h) in r.headers.iter().enumerate() {
+        if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() || h.name.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(bad(
+                format!("{key}.headers[{j}].name"),
+                format!("`{}` is not a lower-case header name", h.name),
+            ));
+        }
+    }
+    let host = r.host.strip_prefix("*.").unwrap_or(&r.host);
+    let valid_host = r.host == "*"
+        || (!host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':'));
+    if !valid_host || r.host.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(bad(
+            format!("{key}.host"),
+            format!("`{}` is not `*`, a lower-case host name, or `*.suffix`", r.host),
+        ));
+    }
     Ok(())
 }
 
 fn validate_tls(tls: &mut Tls, base: &Path) -> Result<(), Invalid> {
-    let rotation = tls.ticket_key_rotation.0;
-    if !(Duration::from_secs(1)..=Duration::from_secs(7 * 86_400)).contains(&rotation) {
-        return Err(bad(
-            "tls.ticket_key_rotation",
-            "must be between 1s and 7d (a TLS 1.3 ticket lives at most 7 days, RFC 8446 §4.6.1)",
-        ));
-    }
+    ranges::because(
+        ranges::duration("tls.ticket_key_rotation", tls.ticket_key_rotation.0, SECOND, 7 * DAY),
+        "a TLS 1.3 ticket lives at most 7 days, RFC 8446 §4.6.1",
+    )?;
     validate_default_cert(tls, base)?;
     // Explicit names must be unique; names taken from certificates are checked when the
     // certificates are read (edge::tls).
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, entry) in tls.sni.iter_mut().enumerate() {
         let key = format!("tls.sni[{i}]");
-        entry.cert = read_pem(&format!("{key}.cert"), base.join(&entry.cert), "CERTIFICATE-----")?;
-        entry.key = read_pem(&format!("{key}.key"), base.join(&entry.key), "PRIVATE KEY-----")?;
+        entry.cert = base.join(&entry.cert);
+        entry.key = base.join(&entry.key);
+        read_pem(&format!("{key}.cert"), &entry.cert, "CERTIFICATE-----")?;
+        read_pem(&format!("{key}.key"), &entry.key, "PRIVATE KEY-----")?;
         let Some(names) = entry.names.as_mut() else { continue };
         if names.is_empty() {
             return Err(bad(
@@ -306,8 +302,10 @@ fn validate_tls(tls: &mut Tls, base: &Path) -> Result<(), Invalid> {
 fn validate_default_cert(tls: &mut Tls, base: &Path) -> Result<(), Invalid> {
     match (&tls.cert, &tls.key, &tls.self_signed) {
         (Some(cert), Some(key), None) => {
-            tls.cert = Some(read_pem("tls.cert", base.join(cert), "CERTIFICATE-----")?);
-            tls.key = Some(read_pem("tls.key", base.join(key), "PRIVATE KEY-----")?);
+            let (cert, key) = (base.join(cert), base.join(key));
+            read_pem("tls.cert", &cert, "CERTIFICATE-----")?;
+            read_pem("tls.key", &key, "PRIVATE KEY-----")?;
+            (tls.cert, tls.key) = (Some(cert), Some(key));
             Ok(())
         }
         (None, None, Some(names)) => {
@@ -323,14 +321,13 @@ fn validate_default_cert(tls: &mut Tls, base: &Path) -> Result<(), Invalid> {
     }
 }
 
-/// Checks that `path` is readable and holds a PEM block ending in `marker`; returns the path.
-fn read_pem(key: &str, path: PathBuf, marker: &str) -> Result<PathBuf, Invalid> {
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| bad(key, format!("cannot read `{}`: {e}", path.display())))?;
+/// Reads `path` and checks that it holds a PEM block ending in `marker`; returns the text.
+fn read_pem(key: &str, path: &Path, marker: &str) -> Result<String, Invalid> {
+    let text = std::fs::read_to_string(path).map_err(|e| bad(key, format!("cannot read `{}`: {e}", path.display())))?;
     if !text.contains(marker) {
         return Err(bad(key, format!("`{}` holds no PEM `{}` block", path.display(), marker.trim_end_matches('-'))));
     }
-    Ok(path)
+    Ok(text)
 }
 
 /// An SNI name: a lower-case DNS name, or `*.` followed by one.
@@ -352,66 +349,68 @@ fn check_sni_name(name: &str) -> Result<(), String> {
 fn validate_resilience(name: &str, pool: &Upstream) -> Result<(), Invalid> {
     let key = format!("upstreams.{name}");
     if let Some(h) = &pool.health_check {
+        let key = format!("{key}.health_check");
         if !h.path.starts_with('/') {
-            return Err(bad(format!("{key}.health_check.path"), "must start with `/`"));
+            return Err(bad(format!("{key}.path"), "must start with `/`"));
         }
-        if h.interval.0.is_zero() || h.timeout.0.is_zero() || h.timeout.0 > h.interval.0 {
-            return Err(bad(format!("{key}.health_check"), "need 0 < timeout <= interval"));
-        }
-        if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
-            return Err(bad(format!("{key}.health_check"), "thresholds must be at least 1"));
+        ranges::duration(&format!("{key}.interval"), h.interval.0, 100 * MS, HOUR)?;
+        ranges::because(
+            ranges::duration(&format!("{key}.timeout"), h.timeout.0, MS, h.interval.0),
+            "at most the interval",
+        )?;
+        ranges::count(&format!("{key}.healthy_threshold"), h.healthy_threshold.into(), 1, 1000)?;
+        ranges::count(&format!("{key}.unhealthy_threshold"), h.unhealthy_threshold.into(), 1, 1000)?;
+        if let Some(s) = h.expected_statuses.iter().find(|s| !(100..=599).contains(*s)) {
+            return Err(bad(format!("{key}.expected_statuses"), format!("{s} is not an HTTP status")));
         }
     }
     let o = &pool.outlier;
-    if o.consecutive_failures == 0 || o.max_ejected_percent > 100 || o.base_ejection.0.is_zero() {
-        return Err(bad(
-            format!("{key}.outlier"),
-            "need consecutive_failures >= 1, base_ejection > 0, max_ejected_percent <= 100",
-        ));
-    }
-    if pool.circuit_breaker.max_active == 0 || pool.circuit_breaker.max_pending == 0 {
-        return Err(bad(format!("{key}.circuit_breaker"), "limits must be at least 1"));
-    }
-    Ok(())
+    let okey = format!("{key}.outlier");
+    ranges::count(&format!("{okey}.consecutive_failures"), o.consecutive_failures.into(), 1, 1_000_000)?;
+    // Ejection times grow as base × times ejected, capped at max_ejection.
+    ranges::duration(&format!("{okey}.base_ejection"), o.base_ejection.0, MS, HOUR)?;
+    ranges::because(
+        ranges::duration(&format!("{okey}.max_ejection"), o.max_ejection.0, o.base_ejection.0, DAY),
+        "at least base_ejection",
+    )?;
+    ranges::count(&format!("{okey}.max_ejected_percent"), o.max_ejected_percent.into(), 0, 100)?;
+    let cb = &pool.circuit_breaker;
+    ranges::count(&format!("{key}.circuit_breaker.max_active"), cb.max_active.into(), 1, u32::MAX.into())?;
+    ranges::count(&format!("{key}.circuit_breaker.max_pending"), cb.max_pending.into(), 1, u32::MAX.into())
 }
 
 fn validate_quic(q: &mut Quic, base: &Path) -> Result<(), Invalid> {
-    if !(1200..=65_507).contains(&q.max_udp_payload) {
-        return Err(bad(
-            "quic.max_udp_payload",
-            format!("must be 1200..=65507 (the largest IPv4 UDP payload), got {}", q.max_udp_payload),
-        ));
-    }
-    if !(1..=1 << 20).contains(&q.max_concurrent_streams) {
-        return Err(bad("quic.max_concurrent_streams", "must be 1..=1048576"));
-    }
-    if q.max_stream_data.0 < 1024 || q.max_stream_data.0 > (1 << 30) {
-        return Err(bad("quic.max_stream_data", "must be between 1KiB and 1GiB"));
-    }
-    if q.max_data.0 < q.max_stream_data.0 || q.max_data.0 > (1 << 32) {
-        return Err(bad("quic.max_data", "must be at least quic.max_stream_data and at most 4GiB"));
-    }
-    if q.max_header_list_size.0 < 1024 {
-        return Err(bad("quic.max_header_list_size", "must be at least 1KiB"));
-    }
+    ranges::because(
+        ranges::count("quic.max_udp_payload", q.max_udp_payload as u64, 1200, 65_507),
+        "RFC 9000 §14 to the largest IPv4 UDP payload",
+    )?;
+    ranges::count("quic.max_concurrent_streams", q.max_concurrent_streams, 1, 1 << 20)?;
+    ranges::size("quic.max_stream_data", q.max_stream_data.0, KIB, GIB)?;
+    ranges::because(
+        ranges::size("quic.max_data", q.max_data.0, q.max_stream_data.0, 4 * GIB),
+        "at least quic.max_stream_data",
+    )?;
+    ranges::size("quic.max_header_list_size", q.max_header_list_size.0, KIB, MIB)?;
     if !["cubic", "reno", "bbr2"].contains(&q.congestion_control.as_str()) {
         return Err(bad(
             "quic.congestion_control",
             format!("unknown algorithm `{}` (use cubic, reno or bbr2)", q.congestion_control),
         ));
     }
-    if q.cid_rotation > 6 {
-        return Err(bad("quic.cid_rotation", "must be 0..=6 (7 marks unroutable CIDs in QUIC-LB)"));
+    ranges::because(
+        ranges::count("quic.cid_rotation", q.cid_rotation.into(), 0, 6),
+        "7 marks unroutable CIDs in QUIC-LB",
+    )?;
+    if q.retry == RetryMode::Auto {
+        ranges::because(
+            ranges::count("quic.retry_above_rate", q.retry_above_rate.into(), 1, 10_000_000),
+            "new connections per second per worker, with `retry: auto`; or use `retry: always`",
+        )?;
     }
-    if q.retry == RetryMode::Auto && q.retry_above_rate == 0 {
-        return Err(bad("quic.retry_above_rate", "must be at least 1 with `retry: auto` (or use `retry: always`)"));
-    }
-    if q.retry_token_lifetime.0.is_zero() || q.retry_token_lifetime.0 > Duration::from_secs(600) {
-        return Err(bad("quic.retry_token_lifetime", "must be between 1s and 10m"));
-    }
-    if q.max_connections_per_worker == 0 {
-        return Err(bad("quic.max_connections_per_worker", "must be at least 1"));
-    }
+    // Tokens carry their issue time in whole seconds.
+    ranges::duration("quic.retry_token_lifetime", q.retry_token_lifetime.0, SECOND, 10 * MINUTE)?;
+    ranges::count("quic.max_connections_per_worker", q.max_connections_per_worker as u64, 1, 10_000_000)?;
+    ranges::count_or_off("quic.max_new_connections_per_sec", q.max_new_connections_per_sec.into(), 1, 10_000_000)?;
     if let Some(file) = q.secret_key_file.as_mut() {
         let path = base.join(&*file);
         let bytes = std::fs::read(&path)
@@ -444,6 +443,7 @@ fn resolve(address: &str) -> Result<std::net::SocketAddr, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const GOOD: &str = "
 listen: 127.0.0.1:8443
@@ -487,6 +487,25 @@ routes:
         for good in ["a", "api.example.com", "*.example.com", "x-1.y"] {
             assert!(check_sni_name(good).is_ok(), "{good}");
         }
+    }
+
+    #[test]
+    fn an_upstream_ca_file_is_read_once_by_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::tools::certs::ecdsa_key().unwrap();
+        let pem = crate::tools::certs::self_signed(&key, &["backend.test"]).unwrap().to_pem().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &pem).unwrap();
+        let yaml = GOOD.replace("    backends:", "    tls: { ca: ca.pem }\n    backends:");
+        let c = parse(&yaml, "t.yaml", dir.path()).unwrap();
+        let tls = c.upstreams["demo"].tls.as_ref().unwrap();
+        assert_eq!(tls.ca_pem.as_ref().map(|p| p.0.to_vec()), Some(pem));
+        // Workers build their verifier from the bytes: the file is not needed any more.
+        std::fs::remove_file(dir.path().join("ca.pem")).unwrap();
+        crate::transport::tls::TlsUpstream::new(tls).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+        let e = parse(&yaml, "t.yaml", dir.path()).unwrap_err();
+        assert_eq!(e.key, "upstreams.demo.tls.ca");
+        assert!(e.problem.contains("holds no PEM `CERTIFICATE` block"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The whole configuration, validated by [`super::load`].
@@ -393,9 +394,23 @@ pub struct UpstreamTls {
     /// PEM file of CA certificates to trust instead of the system store.
     #[serde(default)]
     pub ca: Option<PathBuf>,
+    /// Filled by validation: the contents of `ca`, read once by the control thread.
+    #[serde(skip)]
+    pub ca_pem: Option<FileBytes>,
     /// Verify the backend's certificate and name (default true; false is for tests only).
     #[serde(default = "yes")]
     pub verify: bool,
+}
+
+/// The contents of a file named in the configuration, read by validation so that nothing
+/// downstream (a worker building its verifier) reads the file again. Printed as its length.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct FileBytes(pub Arc<[u8]>);
+
+impl std::fmt::Debug for FileBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
 }
 
 /// Balancing algorithms; each is one file in `lb` and honours backend weights.

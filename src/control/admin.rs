@@ -5,27 +5,34 @@
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when every worker serves and Spooky is not draining, else 503 |
-//! | `GET /config` | JSON: active version, hash, source, load time |
-//! | `POST /reload` | reloads the file; needs `Authorization: Bearer <admin.token>` |
+//! | `GET /config` | JSON: the version every worker runs, its hash, source, load time; the pending version, if any; each worker's version |
+//! | `POST /reload` | reloads the file and answers once every worker runs it; needs `Authorization: Bearer <admin.token>` |
 //!
 //! Nothing changes state unless a token is configured and presented.
 
-use super::snapshot::Snapshot;
+use super::rollout::Rollout;
 use super::Event;
 use crossbeam_channel::Sender;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 /// What the admin thread shares with the control thread.
 pub struct AdminState {
-    pub current: Mutex<Arc<Snapshot>>,
+    /// Written by the control thread only.
+    pub rollout: Mutex<Rollout>,
     pub ready: AtomicBool,
     pub draining: AtomicBool,
     pub metrics: PrometheusHandle,
     pub events: Sender<Event>,
+}
+
+impl AdminState {
+    pub fn rollout(&self) -> MutexGuard<'_, Rollout> {
+        self.rollout.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Binds the admin listener and serves it on a new thread; returns the bound address.
@@ -57,9 +64,7 @@ fn handle(req: tiny_http::Request, state: &AdminState) {
                 (503, "text/plain", "not ready\n".to_string())
             }
         }
-        (Method::Get, "/config") => {
-            (200, "application/json", config_json(&state.current.lock().expect("not poisoned")))
-        }
+        (Method::Get, "/config") => (200, "application/json", config_json(&state.rollout())),
         (Method::Post, "/reload") => reload(&req, state),
         (_, "/metrics" | "/healthz" | "/readyz" | "/config" | "/reload") => {
             (405, "text/plain", "method not allowed\n".to_string())
@@ -71,7 +76,7 @@ fn handle(req: tiny_http::Request, state: &AdminState) {
 }
 
 fn reload(req: &tiny_http::Request, state: &AdminState) -> (u16, &'static str, String) {
-    let token = state.current.lock().expect("not poisoned").config.admin.token.clone();
+    let token = state.rollout().latest().config.admin.token.clone();
     let Some(token) = token else {
         return (403, "text/plain", "state-changing requests need `admin.token` in the configuration\n".into());
     };
@@ -98,7 +103,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn config_json(s: &Snapshot) -> String {
+/// The snapshot every worker runs; `pending`: a newer one not every worker runs yet.
+fn config_json(r: &Rollout) -> String {
+    let s = r.applied();
     let loaded = s.loaded_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
     serde_json::json!({
         "version": s.version,
@@ -107,6 +114,8 @@ fn config_json(s: &Snapshot) -> String {
         "loaded_at": loaded,
         "workers": s.config.workers.resolve(),
         "listen": s.config.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "pending": r.pending().map(|p| serde_json::json!({ "version": p.version, "hash": p.hash })),
+        "worker_versions": r.worker_versions(),
     })
     .to_string()
         + "\n"

@@ -42,17 +42,18 @@ impl<T> Postbox<T> {
     }
 }
 
-/// The receiving end before its worker runs.
+/// The receiving end, owned outside any runtime: it outlives the runs of its worker (a
+/// restarted worker attaches again and finds what was sent meanwhile).
 pub struct Mailbox<T> {
     rx: Receiver<T>,
     wake_io: UnixDatagram,
 }
 
 impl<T> Mailbox<T> {
-    /// Registers the wake-up socket with the calling thread's runtime.
-    pub fn attach(self) -> std::io::Result<AttachedMailbox<T>> {
+    /// A receiver on the calling thread's runtime, its wake-up socket registered there.
+    pub fn attach(&self) -> std::io::Result<AttachedMailbox<T>> {
         let wake = monoio::net::unix::UnixDatagram::from_std(self.wake_io.try_clone()?)?;
-        Ok(AttachedMailbox { rx: self.rx, wake_io: self.wake_io, wake })
+        Ok(AttachedMailbox { rx: self.rx.clone(), wake_io: self.wake_io.try_clone()?, wake })
     }
 }
 

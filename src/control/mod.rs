@@ -1,43 +1,54 @@
 //! The control plane: start-up, configuration reload, graceful drain, admin listener.
 //!
 //! - [`snapshot`]: an immutable, validated configuration (+ TLS material) with version and hash.
+//! - [`rollout`]: which snapshot every worker has acknowledged (the version Spooky reports).
+//! - [`supervise`]: worker threads, and the policy when one panics (restart it on its sockets).
 //! - [`watch`]: signals (SIGHUP reload, SIGTERM/SIGINT drain) and config-file changes (inotify).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/config`, `POST /reload` (with a token).
+//! - [`fault`]: test-only fault injection, honoured only when enabled by environment at start.
 //!
 //! Start-up order matters: TLS material is loaded once, then every worker's sockets are bound
 //! here, in worker order, so the kernel's reuseport group index equals the worker id; only then
 //! are worker threads started, each pinned to its core. Afterwards the control thread (this
 //! one) owns the configuration: a reload validates the whole file and, only if all of it is
 //! good and nothing needs new sockets, sends the new [`snapshot::Snapshot`] to every worker
-//! over its channel. Sockets are never closed or rebound while Spooky runs.
+//! over its channel; each worker acknowledges the version once it swapped it in. Sockets are
+//! never closed or rebound while Spooky runs, also not when a worker panics and restarts.
 
 pub mod admin;
+pub mod fault;
 pub mod mailbox;
+pub mod rollout;
 pub mod snapshot;
+pub mod supervise;
 mod watch;
 
 use crate::edge::keys::EdgeKeys;
-use crate::edge::socket::{bind_reuseport, EdgeSocket, Offloads};
-use crate::edge::steering::{self, Stray};
-use crate::edge::worker::{Mesh, Worker, WorkerCtx};
+use crate::edge::socket::bind_reuseport;
+use crate::edge::steering;
 use crate::health::{active, HealthView};
 use crate::telemetry::{access_log, metrics as telemetry_metrics};
 use crate::transport::pool::Settings as H2Settings;
 use anyhow::Context as _;
 use crossbeam_channel::Sender;
+use rollout::Rollout;
 use snapshot::{Snapshot, Source};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
+use supervise::{Latest, SharedLatest, WorkerSeed};
 
 /// What the control thread reacts to.
 pub enum Event {
-    /// Reload the configuration file; `reply` gets the new version or why it was refused.
+    /// Reload the configuration file; `reply` gets the new version once every worker runs it,
+    /// or why it was refused.
     Reload { reason: &'static str, reply: Option<Sender<Result<u64, String>>> },
     /// SIGTERM/SIGINT: drain; a second one exits at once.
     Shutdown,
-    /// A worker thread ended (after draining, or by failing).
+    /// A worker swapped in snapshot `version` (or could not: `error`, and it keeps its old one).
+    Applied { worker: usize, version: u64, error: Option<String> },
+    /// A worker thread ended for good (after draining, or by failing).
     WorkerExited { id: usize, error: Option<String> },
     /// Active health checking changed its verdicts.
     Health(HealthView),
@@ -56,8 +67,19 @@ pub enum ToWorker {
 /// A worker's inbox from the control thread.
 pub type AttachedInbox = mailbox::AttachedMailbox<ToWorker>;
 
-/// Runs Spooky on `first` until a drain completes (or a worker fails).
+/// A worker's two-way link with the control thread: orders in, acknowledgements out.
+pub struct ControlLink {
+    pub inbox: AttachedInbox,
+    /// Where the worker acknowledges the snapshots it swapped in ([`Event::Applied`]).
+    pub acks: Sender<Event>,
+}
+
+/// Runs Spooky on `first` until a drain completes (or a worker fails for good).
 pub fn run(first: Snapshot) -> anyhow::Result<()> {
+    supervise::install_panic_hook();
+    if fault::init_from_env() {
+        tracing::warn!("fault injection is on ({}=1): for tests only", fault::ENV);
+    }
     let metrics = telemetry_metrics::install()?;
     let first = Arc::new(first);
     let config = first.config.clone();
@@ -85,39 +107,34 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
     let logger = access_log::start(&config.access_log);
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<Event>();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let latest: SharedLatest =
+        Arc::new(Mutex::new(Latest { snapshot: first.clone(), health: Arc::default(), draining: false }));
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<anyhow::Result<()>>(workers);
     let mut links = Vec::with_capacity(workers);
     let mut threads = Vec::with_capacity(workers);
     for ((id, socks), strays) in sockets.into_iter().enumerate().zip(stray_boxes) {
-        let peers = peers.iter().map(mailbox::Postbox::try_clone).collect::<Result<Vec<_>, _>>()?;
         let (link, inbox) = mailbox::mailbox(None)?;
         links.push(link);
-        let seed = WorkerSeed { id, sockets: socks, inbox, peers, strays, keys: keys.clone() };
-        let snap = first.clone();
-        let logger = logger.clone();
-        let ready = ready_tx.clone();
-        let exited = events_tx.clone();
-        let core = (config.pin_workers && !cores.is_empty()).then(|| cores[id % cores.len()]);
-        threads.push(std::thread::Builder::new().name(format!("spooky-w{id}")).spawn(move || {
-            if let Some(core) = core {
-                if !core_affinity::set_for_current(core) {
-                    tracing::warn!(worker = id, "could not pin to core {}", core.id);
-                }
-            }
-            let run = std::panic::AssertUnwindSafe(|| run_worker(seed, &snap, logger, ready));
-            let error = match std::panic::catch_unwind(run) {
-                Ok(result) => result.err().map(|e| format!("{e:#}")),
-                Err(_) => Some("panicked".to_string()),
-            };
-            let _ = exited.send(Event::WorkerExited { id, error });
-        })?);
+        let seed = WorkerSeed {
+            id,
+            sockets: socks,
+            inbox,
+            peers: peers.iter().map(mailbox::Postbox::try_clone).collect::<Result<Vec<_>, _>>()?,
+            strays,
+            keys: keys.clone(),
+            logger: logger.clone(),
+            events: events_tx.clone(),
+            latest: latest.clone(),
+            core: (config.pin_workers && !cores.is_empty()).then(|| cores[id % cores.len()]),
+        };
+        threads.push(supervise::spawn(seed, ready_tx.clone())?);
     }
     drop(ready_tx);
     for _ in 0..workers {
         ready_rx.recv().context("a worker exited during start-up")??;
     }
     let admin_state = Arc::new(admin::AdminState {
-        current: Mutex::new(first.clone()),
+        rollout: Mutex::new(Rollout::new(first.clone(), workers)),
         ready: false.into(),
         draining: false.into(),
         metrics,
@@ -138,29 +155,26 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
         let _ = health_events.send(Event::Health(view));
     })?;
     admin_state.ready.store(true, Ordering::Relaxed);
-    ::metrics::gauge!("spooky_config_version").set(first.version as f64);
     let addrs: Vec<String> = listen.iter().map(ToString::to_string).collect();
     let admin_text = admin_addr.map_or("off".to_string(), |a| a.to_string());
     tracing::info!(workers, listen = %addrs.join(","), admin = %admin_text, version = first.version,
         hash = %first.hash, "spooky ready");
 
-    let mut control = Control { links, admin: admin_state, current: first, draining: false, checker };
+    let mut control = Control { links, admin: admin_state, latest, waiting: Vec::new(), draining: false, checker };
+    control.publish_version();
     let mut running = workers;
     while running > 0 {
         match events_rx.recv().expect("the control thread holds a sender") {
-            Event::Reload { reason, reply } => {
-                let result = control.reload(reason);
-                if let Some(reply) = reply {
-                    let _ = reply.send(result);
-                }
-            }
+            Event::Reload { reason, reply } => control.reload(reason, reply),
             Event::Shutdown if control.draining => {
                 tracing::warn!("second signal: exiting without waiting for in-flight requests");
                 std::process::exit(1);
             }
             Event::Shutdown => control.drain(),
+            Event::Applied { worker, version, error } => control.applied(worker, version, error),
             Event::Health(view) => {
                 let view = Arc::new(view);
+                control.latest().health = view.clone();
                 for link in &control.links {
                     let _ = link.send(ToWorker::Health(view.clone()));
                 }
@@ -187,52 +201,112 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
 struct Control {
     links: Vec<mailbox::Postbox<ToWorker>>,
     admin: Arc<admin::AdminState>,
-    current: Arc<Snapshot>,
+    /// What a restarted worker starts from.
+    latest: SharedLatest,
+    /// `POST /reload` callers waiting for every worker to run their version.
+    waiting: Vec<(u64, Sender<Result<u64, String>>)>,
     draining: bool,
     checker: active::Checker,
 }
 
 impl Control {
     /// Loads, validates and broadcasts the configuration file; on any problem the running
-    /// configuration stays, untouched.
-    fn reload(&mut self, reason: &str) -> Result<u64, String> {
-        if matches!(self.current.source, Source::Embedded) {
-            return Err("running on the embedded default configuration: there is no file to reload".into());
+    /// configuration stays, untouched. `reply` hears once every worker runs the new version.
+    fn reload(&mut self, reason: &str, reply: Option<Sender<Result<u64, String>>>) {
+        let answer = |result: Result<u64, String>| {
+            if let Some(reply) = &reply {
+                let _ = reply.send(result);
+            }
+        };
+        let current = self.admin.rollout().latest().clone();
+        if matches!(current.source, Source::Embedded) {
+            return answer(Err("running on the embedded default configuration: there is no file to reload".into()));
         }
-        let next = match Snapshot::load(&self.current.source, self.current.version + 1) {
+        let next = match Snapshot::load(&current.source, current.version + 1) {
             Ok(s) => s,
             Err(why) => {
                 ::metrics::counter!("spooky_reloads_total", "result" => "invalid").increment(1);
                 tracing::error!(reason, %why, "reload rejected; the running configuration stays");
-                return Err(why);
+                return answer(Err(why));
             }
         };
-        if next.fingerprint == self.current.fingerprint {
+        if next.fingerprint == current.fingerprint {
             tracing::debug!(reason, "configuration unchanged");
-            return Ok(self.current.version);
+            return self.answer_when_applied(current.version, reply);
         }
-        if let Some(why) = self.current.restart_needed(&next) {
+        if let Some(why) = current.restart_needed(&next) {
             ::metrics::counter!("spooky_reloads_total", "result" => "restart_required").increment(1);
             tracing::warn!(reason, %why, "reload not applied: this change needs a restart");
-            return Err(format!("{why}; nothing was applied"));
+            return answer(Err(format!("{why}; nothing was applied")));
         }
         let next = Arc::new(next);
+        self.admin.rollout().sent(next.clone());
+        self.latest().snapshot = next.clone();
         for link in &self.links {
             let _ = link.send(ToWorker::Apply(next.clone()));
         }
-        *self.admin.current.lock().expect("not poisoned") = next.clone();
         self.checker.update(active::targets(&next.config), H2Settings::from_config(&next.config));
         ::metrics::counter!("spooky_reloads_total", "result" => "ok").increment(1);
-        ::metrics::gauge!("spooky_config_version").set(next.version as f64);
-        tracing::info!(reason, version = next.version, hash = %next.hash, "configuration reloaded");
-        self.current = next;
-        Ok(self.current.version)
+        tracing::info!(reason, version = next.version, hash = %next.hash, "configuration sent to every worker");
+        self.publish_version();
+        self.answer_when_applied(next.version, reply);
+    }
+
+    /// Tells `reply` (if any) once every worker runs `version`: now, or when they acknowledge.
+    fn answer_when_applied(&mut self, version: u64, reply: Option<Sender<Result<u64, String>>>) {
+        let Some(reply) = reply else { return };
+        let applied = self.admin.rollout().applied().version;
+        if applied >= version {
+            let _ = reply.send(Ok(applied));
+        } else {
+            self.waiting.push((version, reply));
+        }
+    }
+
+    /// A worker's acknowledgement of a snapshot.
+    fn applied(&mut self, worker: usize, version: u64, error: Option<String>) {
+        if let Some(e) = error {
+            ::metrics::counter!("spooky_reloads_total", "result" => "worker_failed").increment(1);
+            tracing::error!(worker, version, error = %e, "a worker could not apply a configuration; it keeps its previous one");
+            self.answer_waiting(|v| v == version, Err(format!("worker {worker} could not apply it: {e}")));
+            return;
+        }
+        if !self.admin.rollout().acknowledged(worker, version) {
+            return;
+        }
+        let applied = self.admin.rollout().applied().version;
+        tracing::info!(version = applied, "configuration in force on every worker");
+        self.answer_waiting(|v| v <= applied, Ok(applied));
+        self.publish_version();
+    }
+
+    /// Answers the `POST /reload` callers waiting for a version that `settled` says is decided.
+    fn answer_waiting(&mut self, settled: impl Fn(u64) -> bool, result: Result<u64, String>) {
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.waiting).into_iter().partition(|(v, _)| settled(*v));
+        self.waiting = waiting;
+        for (_, reply) in done {
+            let _ = reply.send(result.clone());
+        }
+    }
+
+    /// `spooky_config_version`: the version every worker acknowledged;
+    /// `spooky_config_version_pending`: a newer one not every worker has yet (0: none).
+    fn publish_version(&self) {
+        let rollout = self.admin.rollout();
+        ::metrics::gauge!("spooky_config_version").set(rollout.applied().version as f64);
+        ::metrics::gauge!("spooky_config_version_pending").set(rollout.pending().map_or(0.0, |s| s.version as f64));
+    }
+
+    fn latest(&self) -> MutexGuard<'_, Latest> {
+        self.latest.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn drain(&mut self) {
         self.draining = true;
+        self.latest().draining = true;
         self.admin.draining.store(true, Ordering::Relaxed);
-        let timeout = self.current.config.timeouts.drain.0;
+        let timeout = self.admin.rollout().latest().config.timeouts.drain.0;
         tracing::info!(?timeout, "draining: no new connections, GOAWAY sent, waiting for in-flight requests");
         let deadline = Instant::now() + timeout;
         for link in &self.links {
@@ -256,67 +330,4 @@ fn bind_all(listen: &[SocketAddr], workers: usize) -> anyhow::Result<Vec<Vec<Udp
         all.push(mine);
     }
     Ok(all)
-}
-
-/// What a worker thread starts from, made on the control thread before the worker's runtime
-/// exists.
-struct WorkerSeed {
-    id: usize,
-    sockets: Vec<UdpSocket>,
-    inbox: mailbox::Mailbox<ToWorker>,
-    /// Every worker's stray-packet mailbox (by worker id), and this worker's own.
-    peers: Vec<mailbox::Postbox<Stray>>,
-    strays: mailbox::Mailbox<Stray>,
-    keys: Arc<EdgeKeys>,
-}
-
-fn run_worker(
-    seed: WorkerSeed,
-    snap: &Snapshot,
-    logger: access_log::AccessLogger,
-    ready: Sender<anyhow::Result<()>>,
-) -> anyhow::Result<()> {
-    let WorkerSeed { id, sockets, inbox, peers, strays, keys } = seed;
-    let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .build()
-        .context("building the worker runtime");
-    let mut runtime = match runtime {
-        Ok(r) => r,
-        Err(e) => {
-            let msg = format!("worker {id}: {e:#}");
-            let _ = ready.send(Err(e));
-            anyhow::bail!(msg);
-        }
-    };
-    match &runtime {
-        monoio::FusionRuntime::Uring(_) => tracing::debug!(worker = id, "io_uring driver"),
-        monoio::FusionRuntime::Legacy(_) if id == 0 => {
-            tracing::warn!("io_uring unavailable; workers use the epoll driver")
-        }
-        monoio::FusionRuntime::Legacy(_) => {}
-    }
-    runtime.block_on(async move {
-        let setup = || -> anyhow::Result<Worker> {
-            let q = &snap.config.quic;
-            let offloads = Offloads { gso: q.gso, gro: q.gro, pacing: q.pacing };
-            let sockets = sockets.into_iter().map(|s| EdgeSocket::new(s, offloads)).collect::<Result<Vec<_>, _>>()?;
-            let inbox = inbox.attach()?;
-            let mesh = Mesh { peers, strays: strays.attach()? };
-            let ctx = WorkerCtx::new(id, snap, logger, None)?;
-            Worker::new(id, sockets, snap, ctx, inbox, mesh, keys)
-        };
-        match setup() {
-            Ok(worker) => {
-                let _ = ready.send(Ok(()));
-                worker.run().await;
-                Ok(())
-            }
-            Err(e) => {
-                let msg = format!("worker {id}: {e:#}");
-                let _ = ready.send(Err(e));
-                anyhow::bail!(msg)
-            }
-        }
-    })
 }

@@ -1,6 +1,7 @@
 //! Immutable configuration snapshots: what the control thread broadcasts to workers.
 
 use crate::config::{self, Config};
+use crate::edge::settings;
 use crate::edge::tls::TlsMaterial;
 use crate::transport::tls::TlsUpstream;
 use sha2::{Digest, Sha256};
@@ -31,8 +32,8 @@ pub struct Snapshot {
     pub version: u64,
     /// First 16 hex digits of the SHA-256 of the file's text.
     pub hash: String,
-    /// SHA-256 of the text and of the certificate and key files it names: equal fingerprints
-    /// mean a reload would change nothing.
+    /// SHA-256 of the text and of the certificate, key and CA files it names: equal
+    /// fingerprints mean a reload would change nothing.
     pub fingerprint: [u8; 32],
     pub source: Source,
     pub loaded_at: SystemTime,
@@ -44,16 +45,26 @@ impl Snapshot {
     /// Reads and validates the whole configuration, and loads its certificate and key.
     /// The error names the file, the key and the problem.
     pub fn load(source: &Source, version: u64) -> Result<Snapshot, String> {
-        let (text, name, base) = match source {
+        match source {
             Source::File(path) => {
                 let text =
                     std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-                (text, path.display().to_string(), path.parent().map(Path::to_path_buf).unwrap_or_default())
+                let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                Snapshot::from_text(&text, source, &base, version)
             }
-            Source::Embedded => (config::DEFAULT_CONFIG_YAML.to_string(), source.describe(), PathBuf::from(".")),
-        };
-        let config = config::parse(&text, &name, &base).map_err(|e| e.to_string())?;
+            Source::Embedded => Snapshot::from_text(config::DEFAULT_CONFIG_YAML, source, Path::new("."), version),
+        }
+    }
+
+    /// Validates `text` as the configuration from `source` (relative paths resolve against
+    /// `base`), loads its TLS material and builds once everything a worker builds from it, so
+    /// that a snapshot accepted here cannot fail on a worker: a reload is all or nothing.
+    pub fn from_text(text: &str, source: &Source, base: &Path, version: u64) -> Result<Snapshot, String> {
+        let name = source.describe();
+        let config = config::parse(text, &name, base).map_err(|e| e.to_string())?;
         let tls = TlsMaterial::load(&config).map_err(|e| format!("{name}: {e}"))?;
+        settings::quic_config(&config, &tls).map_err(|e| format!("{name}: `quic`: {e:#}"))?;
+        settings::h3_config(&config).map_err(|e| format!("{name}: `quic`: {e:#}"))?;
         for (pool, u) in &config.upstreams {
             if let Some(t) = &u.tls {
                 TlsUpstream::new(t).map_err(|e| format!("{name}: `upstreams.{pool}.tls`: {e:#}"))?;
@@ -66,6 +77,9 @@ impl Snapshot {
         // is new on every load and is not worth a reload by itself.)
         for file in tls.files() {
             fp.update(file);
+        }
+        for ca in config.upstreams.values().filter_map(|u| u.tls.as_ref()?.ca_pem.as_ref()) {
+            fp.update(&ca.0);
         }
         Ok(Snapshot {
             version,

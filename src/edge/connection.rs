@@ -11,6 +11,7 @@
 use super::worker::WorkerCtx;
 use crate::bridge::exchange::{Exchange, Failure, SharedExchange, StreamKey};
 use crate::bridge::{h3_error, request, response};
+use crate::control::fault;
 use crate::route::RequestView;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::RouteMetrics;
@@ -19,8 +20,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use quiche::h3::{self, NameValue};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::rc::Rc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Largest piece of request body read from QUIC at once.
 const READ_CHUNK: usize = 64 * 1024;
@@ -74,8 +76,9 @@ struct RequestStream {
     started: Instant,
     /// Metric handles of the route this request matched (from the snapshot it started on).
     route: Rc<RouteMetrics>,
-    /// While the body arrives: by when it must have reached the minimum rate (slowloris).
-    body_deadline: Option<Instant>,
+    /// While the body arrives: the minimum-rate check (slowloris), with the values of the
+    /// snapshot the request started on; `None` when the check is off.
+    pace: Option<BodyPace>,
     /// Details for the access log, kept only when it is enabled.
     log: Option<Box<LogInfo>>,
 }
@@ -86,6 +89,35 @@ struct LogInfo {
     authority: String,
     path: String,
     request_id: String,
+}
+
+/// A request body's minimum-rate check. It keeps its own grace and rate, taken when the
+/// request started, so a reload never moves a deadline with another snapshot's rate.
+struct BodyPace {
+    /// By when the body must have reached the minimum rate.
+    deadline: Instant,
+    grace: Duration,
+    min_rate: NonZeroU64,
+}
+
+impl BodyPace {
+    /// The check for a body starting now, if `min_rate` (bytes/s) turns it on.
+    fn start(grace: Duration, min_rate: u64, now: Instant) -> Option<Self> {
+        let min_rate = NonZeroU64::new(min_rate)?;
+        Some(BodyPace { deadline: now + grace, grace, min_rate })
+    }
+
+    /// `n` more bytes arrived: they buy `n / min_rate` seconds.
+    fn received(&mut self, n: u64) {
+        let nanos = u128::from(n) * 1_000_000_000 / u128::from(self.min_rate.get());
+        let step = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+        self.deadline = self.deadline.checked_add(step).unwrap_or(self.deadline);
+    }
+
+    /// The client was not at fault (Spooky stopped reading): one more grace period from `now`.
+    fn excuse(&mut self, now: Instant) {
+        self.deadline = self.deadline.max(now) + self.grace;
+    }
 }
 
 /// Where a stream stands after driving it.
@@ -205,7 +237,7 @@ impl Connection {
 
     /// The earliest minimum-rate deadline among request bodies still arriving.
     pub fn next_body_deadline(&self) -> Option<Instant> {
-        self.streams.values().filter(|st| !st.recv_done).filter_map(|st| st.body_deadline).min()
+        self.streams.values().filter(|st| !st.recv_done).filter_map(|st| st.pace.as_ref().map(|p| p.deadline)).min()
     }
 
     /// Resets request streams whose body arrives slower than `timeouts.body_min_rate` (a
@@ -215,9 +247,9 @@ impl Connection {
     pub fn cut_slow_bodies(&mut self, ctx: &WorkerCtx, now: Instant) {
         let mut slow = Vec::new();
         for (&sid, st) in self.streams.iter_mut() {
-            let Some(deadline) = st.body_deadline.filter(|d| !st.recv_done && *d <= now) else { continue };
+            let Some(pace) = st.pace.as_mut().filter(|p| !st.recv_done && p.deadline <= now) else { continue };
             if st.readable || st.exchange.borrow().req_abandoned {
-                st.body_deadline = Some(deadline.max(now) + ctx.body_grace);
+                pace.excuse(now);
             } else {
                 slow.push(sid);
             }
@@ -313,6 +345,7 @@ impl Connection {
             Ok(h) => h,
             Err(e) => return self.reject_unregistered(ctx, sid, e),
         };
+        fault::on_request(&head.path);
         let request_id = ctx.request_ids.borrow_mut().ensure(&mut head.headers);
         let log = ctx.access_log.enabled().then(|| {
             Box::new(LogInfo {
@@ -386,7 +419,7 @@ impl Connection {
                 bytes_out: 0,
                 started: Instant::now(),
                 route,
-                body_deadline: (more_frames && ctx.body_min_rate > 0).then(|| Instant::now() + ctx.body_grace),
+                pace: BodyPace::start(ctx.body_grace, ctx.body_min_rate, Instant::now()).filter(|_| more_frames),
                 log,
             },
         );
@@ -438,7 +471,7 @@ impl Connection {
         let outcome = match self.streams.get_mut(&sid) {
             Some(st) => {
                 let h3 = self.h3.as_mut().expect("streams exist only with HTTP/3");
-                match read_request_body(&mut self.quic, h3, sid, st, &mut self.read_buf, ctx.body_min_rate) {
+                match read_request_body(&mut self.quic, h3, sid, st, &mut self.read_buf) {
                     Err(why) => return self.reject_malformed(ctx, sid, why),
                     Ok(()) => write_response(&mut self.quic, h3, sid, st, &self.via_name),
                 }
@@ -535,16 +568,14 @@ fn check_rate(
     limiter.check(key, Instant::now())
 }
 
-/// Reads request body from QUIC into the exchange while it has room.
 /// Reads what request body QUIC has for `sid` into the exchange, as far as the exchange has
-/// room; each chunk moves the stream's minimum-rate deadline on by its size at `min_rate`.
+/// room; each chunk moves the stream's minimum-rate deadline on by its size.
 fn read_request_body(
     quic: &mut quiche::Connection,
     h3: &mut h3::Connection,
     sid: u64,
     st: &mut RequestStream,
     buf: &mut BytesMut,
-    min_rate: u64,
 ) -> Result<(), request::Malformed> {
     if !st.readable || st.recv_done {
         return Ok(());
@@ -563,8 +594,8 @@ fn read_request_body(
         match h3.recv_body_buf(quic, sid, (&mut *buf).limit(want)) {
             Ok(n) => {
                 st.body_received += n as u64;
-                if let Some(d) = st.body_deadline.as_mut() {
-                    *d += std::time::Duration::from_secs_f64(n as f64 / min_rate as f64);
+                if let Some(pace) = st.pace.as_mut() {
+                    pace.received(n as u64);
                 }
                 if st.content_length.is_some_and(|cl| st.body_received > cl) {
                     return Err(request::Malformed("body longer than content-length"));

@@ -5,8 +5,9 @@
 //! 1. receive: drain every socket and the stray-packet mailbox (bounded batches) and feed the
 //!    datagrams to their connections (see [`super::steering`] for how packets find the worker
 //!    owning their connection, and [`super::admission`] for what happens to new ones);
-//! 2. control: apply a new configuration snapshot or start draining, if the control thread
-//!    sent one (swapped between turns: in-flight requests keep the snapshot they started with);
+//! 2. control: apply a new configuration snapshot (and acknowledge its version to the control
+//!    thread) or start draining, if the control thread sent one (swapped between turns:
+//!    in-flight requests keep the snapshot they started with);
 //! 3. timers: fire quiche timeouts that are due;
 //! 4. upstream news: drive the streams whose upstream task queued data or failed;
 //! 5. flush: send every packet the touched connections have, reschedule their timers, reap
@@ -30,7 +31,7 @@ use crate::bridge::request::RequestIds;
 use crate::config::HeaderPolicy;
 use crate::control::mailbox::{AttachedMailbox, Postbox};
 use crate::control::snapshot::Snapshot;
-use crate::control::{AttachedInbox, ToWorker};
+use crate::control::{ControlLink, Event, ToWorker};
 use crate::route::rate_limit::RateLimiter;
 use crate::route::Router;
 use crate::telemetry::access_log::AccessLogger;
@@ -72,7 +73,8 @@ pub struct WorkerCtx {
     pub header_policy: HeaderPolicy,
     /// Status and body when no route matches.
     pub no_route: (http::StatusCode, String),
-    /// Slow request bodies: the grace period and the minimum average rate (bytes/s, 0: off).
+    /// Slow request bodies: the grace period and the minimum average rate (bytes/s, 0: off)
+    /// for requests starting now; a request keeps the pair it started with.
     pub body_grace: std::time::Duration,
     pub body_min_rate: u64,
     pub metrics: WorkerMetrics,
@@ -137,6 +139,8 @@ pub struct Mesh {
 
 pub struct Worker {
     id: usize,
+    /// The version of the snapshot in use.
+    version: u64,
     mesh: Mesh,
     keys: Arc<EdgeKeys>,
     admission: Admission,
@@ -144,7 +148,7 @@ pub struct Worker {
     sockets: Vec<EdgeSocket>,
     quic_config: quiche::Config,
     ctx: WorkerCtx,
-    inbox: AttachedInbox,
+    control: ControlLink,
     conns: HashMap<u64, Connection>,
     by_cid: HashMap<Vec<u8>, u64>,
     next_handle: u64,
@@ -158,6 +162,9 @@ pub struct Worker {
     max_datagram: usize,
     /// Set by a drain order: when remaining connections are closed regardless.
     drain_deadline: Option<Instant>,
+    /// Where receives land, and the streams with upstream news, reused every turn.
+    recv_buf: Vec<u8>,
+    news: Vec<StreamKey>,
 }
 
 impl Worker {
@@ -166,13 +173,14 @@ impl Worker {
         sockets: Vec<EdgeSocket>,
         snap: &Snapshot,
         ctx: WorkerCtx,
-        inbox: AttachedInbox,
+        control: ControlLink,
         mesh: Mesh,
         keys: Arc<EdgeKeys>,
     ) -> anyhow::Result<Self> {
         let q = &snap.config.quic;
         Ok(Worker {
             id,
+            version: snap.version,
             mesh,
             keys,
             admission: Admission::new(q, Instant::now()),
@@ -181,7 +189,7 @@ impl Worker {
             quic_config: settings::quic_config(&snap.config, &snap.tls)?,
             via_name: snap.config.headers.via_name.as_str().into(),
             ctx,
-            inbox,
+            control,
             conns: HashMap::new(),
             by_cid: HashMap::new(),
             next_handle: 0,
@@ -192,24 +200,17 @@ impl Worker {
             send_buf: vec![0; 65_507],
             max_datagram: snap.config.quic.max_udp_payload,
             drain_deadline: None,
+            recv_buf: vec![0u8; RECV_BUF],
+            news: Vec::new(),
         })
     }
 
     /// Runs the loop until a drain completes.
-    pub async fn run(mut self) {
-        tracing::info!(worker = self.id, sockets = self.sockets.len(), "worker ready");
-        let mut buf = vec![0u8; RECV_BUF];
-        let mut news = Vec::new();
+    pub async fn run(&mut self) {
+        tracing::info!(worker = self.id, version = self.version, sockets = self.sockets.len(), "worker ready");
+        self.acknowledge(self.version, None);
         loop {
-            let more_waiting = self.receive(&mut buf);
-            self.handle_control();
-            self.fire_timers();
-            self.ctx.notifier.drain(&mut news);
-            for key in news.drain(..) {
-                self.on_news(key);
-            }
-            self.progress_drain();
-            self.flush().await;
+            let more_waiting = self.turn(Duration::ZERO).await;
             if self.drain_deadline.is_some() && self.conns.is_empty() {
                 tracing::info!(worker = self.id, "worker drained");
                 return;
@@ -221,6 +222,30 @@ impl Worker {
             }
             self.wait().await;
         }
+    }
+
+    /// Steps 1-5 of the loop; true if a socket may have more to read. Timers fire as if the
+    /// clock were `timers_ahead` later: zero, except when fuzzing simulates time passing.
+    async fn turn(&mut self, timers_ahead: Duration) -> bool {
+        let mut buf = std::mem::take(&mut self.recv_buf);
+        let more_waiting = self.receive(&mut buf);
+        self.recv_buf = buf;
+        self.handle_control();
+        self.fire_timers(Instant::now() + timers_ahead);
+        let mut news = std::mem::take(&mut self.news);
+        self.ctx.notifier.drain(&mut news);
+        for key in news.drain(..) {
+            self.on_news(key);
+        }
+        self.news = news;
+        self.progress_drain();
+        self.flush().await;
+        more_waiting
+    }
+
+    /// Tells the control thread which snapshot this worker runs (or why it could not apply one).
+    fn acknowledge(&self, version: u64, error: Option<String>) {
+        let _ = self.control.acks.send(Event::Applied { worker: self.id, version, error });
     }
 
     /// Reads up to a batch from every socket; true if a socket may have more.
@@ -458,8 +483,8 @@ impl Worker {
 
     /// Applies whatever the control thread sent since the last turn.
     fn handle_control(&mut self) {
-        self.inbox.clear_wakeups();
-        while let Ok(msg) = self.inbox.rx.try_recv() {
+        self.control.inbox.clear_wakeups();
+        while let Ok(msg) = self.control.inbox.rx.try_recv() {
             match msg {
                 ToWorker::Apply(snap) => self.apply(&snap),
                 ToWorker::Health(view) => *self.ctx.upstreams.health.borrow_mut() = view,
@@ -475,23 +500,33 @@ impl Worker {
         }
     }
 
-    /// Swaps in a new snapshot. Live connections keep their TLS state and in-flight requests
-    /// keep the upstream state they started with; everything new uses the snapshot.
+    /// Swaps in a new snapshot, all of it or (if a part cannot be built) none of it, and
+    /// acknowledges the outcome. Live connections keep their TLS state and in-flight requests
+    /// keep the values and upstream state they started with; everything new uses the snapshot.
+    /// A version not newer than the one in use (queued for a restarted worker that already
+    /// started from it) is skipped.
     fn apply(&mut self, snap: &Arc<Snapshot>) {
-        let quic = match settings::quic_config(&snap.config, &snap.tls) {
-            Ok(q) => q,
-            Err(e) => return tracing::error!(worker = self.id, error = %e, "cannot apply the new configuration"),
-        };
-        match WorkerCtx::new(self.id, snap, self.ctx.access_log.clone(), Some(&self.ctx)) {
-            Ok(ctx) => {
+        if snap.version <= self.version {
+            return;
+        }
+        let built = settings::quic_config(&snap.config, &snap.tls)
+            .and_then(|quic| Ok((quic, WorkerCtx::new(self.id, snap, self.ctx.access_log.clone(), Some(&self.ctx))?)));
+        match built {
+            Ok((quic, ctx)) => {
                 self.ctx = ctx;
                 self.quic_config = quic;
                 self.admission.reconfigure(&snap.config.quic, Instant::now());
                 self.retry_token_lifetime = snap.config.quic.retry_token_lifetime.0;
                 self.via_name = snap.config.headers.via_name.as_str().into();
+                self.max_datagram = snap.config.quic.max_udp_payload;
+                self.version = snap.version;
                 tracing::debug!(worker = self.id, version = snap.version, "configuration applied");
+                self.acknowledge(snap.version, None);
             }
-            Err(e) => tracing::error!(worker = self.id, error = %e, "cannot apply the new configuration"),
+            Err(e) => {
+                tracing::error!(worker = self.id, version = snap.version, error = %e, "cannot apply the new configuration");
+                self.acknowledge(snap.version, Some(format!("{e:#}")));
+            }
         }
     }
 
@@ -517,8 +552,7 @@ impl Worker {
         }
     }
 
-    fn fire_timers(&mut self) {
-        let now = Instant::now();
+    fn fire_timers(&mut self, now: Instant) {
         while let Some(Reverse((at, handle))) = self.timers.peek().copied() {
             if at > now {
                 break;
@@ -608,6 +642,15 @@ impl Worker {
         }
     }
 
+    /// Ends every connection as if it had closed: streams cancelled (their upstream tasks
+    /// stop), metrics and access-log lines recorded. For a worker that stops abruptly.
+    pub fn close_all(&mut self) {
+        let handles: Vec<u64> = self.conns.keys().copied().collect();
+        for handle in handles {
+            self.remove(handle);
+        }
+    }
+
     /// Forgets a connection that never got a readable packet (it was never counted).
     fn discard(&mut self, handle: u64) {
         if let Some(conn) = self.conns.remove(&handle) {
@@ -649,7 +692,7 @@ impl Worker {
             }
         });
         let mut readable: Vec<_> = self.sockets.iter().map(|s| Box::pin(s.readable())).collect();
-        let mut control = pin!(self.inbox.wakeup());
+        let mut control = pin!(self.control.inbox.wakeup());
         let mut strays = pin!(self.mesh.strays.wakeup());
         let notifier = self.ctx.notifier.clone();
         poll_fn(|cx| {
@@ -707,9 +750,24 @@ fn mark_dirty(dirty: &mut Vec<u64>, conn: &mut Connection) {
     }
 }
 
-// Entry points for `crate::fuzzing` (the `datagram_entry` fuzz target and its regression
-// tests), kept in their own block, apart from the loop above.
+// Entry points for `crate::fuzzing` (the `datagram_entry` and `reload_apply` fuzz targets
+// and their regression tests), kept in their own block, apart from the loop above.
 impl Worker {
+    /// One turn of the loop (without its wait), timers firing as if `ahead` had passed.
+    pub async fn turn_ahead(&mut self, ahead: Duration) {
+        self.turn(ahead).await;
+    }
+
+    /// Applies what the control thread sent, as the loop does between turns.
+    pub fn handle_control_now(&mut self) {
+        self.handle_control();
+    }
+
+    /// The version of the snapshot in use.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// Handles one datagram received on socket `si` from `from`, exactly as the loop does
     /// (`on_datagram`): parse, steer, admit, and feed to quiche.
     pub fn receive_datagram(&mut self, si: usize, pkt: &mut [u8], from: SocketAddr) {

@@ -1,12 +1,13 @@
 //! HTTP/2 over TLS to backends: BoringSSL (the same library quiche uses) through
 //! `tokio-boring` on monoio's poll-io streams. ALPN offers only `h2`; a backend that does not
 //! select it is a failed connection. Certificates are verified by default — against the system
-//! store, or the pool's `ca` file — and the name checked is `server_name` (default: the
-//! backend address's host).
+//! store, or the pool's `ca` file (read once by config validation, on the control thread) —
+//! and the name checked is `server_name` (default: the backend address's host).
 
 use crate::config::UpstreamTls;
 use anyhow::Context as _;
 use boring::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use boring::x509::X509;
 
 /// A pool's TLS client configuration, built once per worker and snapshot.
 pub struct TlsUpstream {
@@ -19,9 +20,14 @@ impl TlsUpstream {
     pub fn new(cfg: &UpstreamTls) -> anyhow::Result<Self> {
         let mut b = SslConnector::builder(SslMethod::tls_client())?;
         b.set_alpn_protos(b"\x02h2")?;
-        match &cfg.ca {
-            Some(ca) => b.set_ca_file(ca).with_context(|| format!("loading CA file {}", ca.display()))?,
-            None => b.set_default_verify_paths()?,
+        match (&cfg.ca, &cfg.ca_pem) {
+            (Some(ca), Some(pem)) => {
+                for cert in X509::stack_from_pem(&pem.0).with_context(|| format!("parsing CA file {}", ca.display()))? {
+                    b.cert_store_mut().add_cert(cert)?;
+                }
+            }
+            (Some(ca), None) => anyhow::bail!("CA file {} was not read by validation", ca.display()),
+            (None, _) => b.set_default_verify_paths()?,
         }
         b.set_verify(if cfg.verify { SslVerifyMode::PEER } else { SslVerifyMode::NONE });
         Ok(TlsUpstream { connector: b.build(), config: cfg.clone() })

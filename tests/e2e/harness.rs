@@ -125,6 +125,11 @@ impl Spooky {
     /// Starts Spooky with `yaml` (which should listen on `127.0.0.1:0`). Unless `yaml` sets
     /// `admin`, the admin listener gets an OS-chosen port too.
     pub fn start(yaml: &str) -> Spooky {
+        Spooky::start_with_env(yaml, &[])
+    }
+
+    /// Like [`Spooky::start`], with extra environment variables (e.g. fault injection).
+    pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Spooky {
         let config = unique("spooky.yaml");
         let yaml = if yaml.contains("\nadmin:") {
             yaml.to_string()
@@ -135,7 +140,7 @@ impl Spooky {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_spooky"));
         // SPOOKY_TEST_LOG raises the log level when debugging a test.
         let level = std::env::var("SPOOKY_TEST_LOG").unwrap_or_else(|_| "info".into());
-        cmd.arg("run").arg("--config").arg(&config).env("RUST_LOG", level);
+        cmd.arg("run").arg("--config").arg(&config).env("RUST_LOG", level).envs(env.iter().copied());
         let (proc, line) = spawn_until(cmd, unique("spooky.log"), "spooky ready");
         let field = |name: &str| {
             line.split(&format!("{name}=")).nth(1).and_then(|s| s.split([',', ' ']).next()).unwrap_or("").to_string()

@@ -16,6 +16,8 @@ mod headers;
 mod large_transfers;
 mod load;
 mod malformed;
+mod reload_inflight;
 mod resilience;
 mod tls;
 mod upstream_pool;
+mod worker_panic;
