@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod fault;
+pub mod http;
 pub mod mailbox;
 pub mod rollout;
 pub mod snapshot;
@@ -139,6 +140,7 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
         draining: false.into(),
         metrics,
         events: events_tx.clone(),
+        last_reload: Mutex::new(admin::LastReload { state: "none", version: None, error: None }),
     });
     let admin_addr = match config.admin.listen {
         Some(addr) => Some(admin::start(addr, admin_state.clone())?),

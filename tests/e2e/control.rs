@@ -191,8 +191,8 @@ fn admin_endpoints_and_token_guarded_reload() {
     assert_eq!(spooky.admin_request("POST", "/reload", None).0, 401);
     assert_eq!(spooky.admin_request("POST", "/reload", Some("wrong-token-0123456789")).0, 401);
     // Same text: nothing to apply, still version 1.
-    let (status, body) = spooky.admin_request("POST", "/reload", Some(token));
-    assert_eq!((status, body.as_str()), (200, "reloaded: version 1\n"));
+    let outcome = spooky.admin_reload(token);
+    assert_eq!((outcome["state"].as_str(), outcome["version"].as_u64()), (Some("applied"), Some(1)), "{outcome}");
 }
 
 #[test]
@@ -287,4 +287,81 @@ fn certificates_are_reread_on_reload_and_live_connections_keep_theirs() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(old.request(Request::get("/")).unwrap().status, 200, "the live connection is untouched");
+}
+
+/// The admin listener cannot be used against the proxy: 200 connections that never finish a
+/// request head and one sending a 10 MiB header line leave `/healthz` answering and the
+/// HTTP/3 data path serving; only `Authorization: Bearer TOKEN` exactly is accepted; a
+/// loopback listener refuses a `Host` that is not its own (DNS rebinding).
+#[test]
+fn the_admin_listener_survives_slowloris_and_huge_headers_and_checks_host_and_token() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let a = Backend::start("a");
+    let token = "s3cret-token-0123456789";
+    let text = config(&pool("main", &[(&a, 1)]), "  - { upstream: main }\n")
+        .replace("admin: { listen: 127.0.0.1:0 }", &format!("admin: {{ listen: 127.0.0.1:0, token: {token} }}"));
+    let spooky = Spooky::start(&text);
+    let mut client = spooky.client();
+
+    // 200 slowloris connections, each with half a request line.
+    let slow: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = TcpStream::connect(spooky.admin).unwrap();
+            s.write_all(b"GET /heal").unwrap();
+            s
+        })
+        .collect();
+    // A 10 MiB header line: refused after 8 KiB with 431, the rest never read.
+    let mut huge = TcpStream::connect(spooky.admin).unwrap();
+    huge.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let line = format!("GET /healthz HTTP/1.1\r\nx-big: {}", "a".repeat(10 << 20));
+    let _ = huge.write_all(line.as_bytes()); // the server may close before it is all sent
+    let mut answer = String::new();
+    let _ = huge.read_to_string(&mut answer);
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 431"), "{answer:.80}");
+
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(spooky.admin_get("/healthz").0, 200, "healthz under slowloris");
+        slowest = slowest.max(started.elapsed());
+        let r = client.request(Request::get("/")).unwrap();
+        assert_eq!(r.status, 200, "the data path is untouched");
+    }
+    let evicted = metric_sum(&spooky.metrics(), "spooky_admin_connections_evicted_total", &[]);
+    assert!(evicted >= 136.0, "200 held connections over a limit of 64: {evicted} evicted");
+    drop(slow);
+
+    // The token: exactly `Bearer TOKEN`.
+    for wrong in [token.to_string(), format!("bearer {token}"), format!("Bearer {token}x"), format!("Basic {token}")] {
+        let auth = format!("authorization: {wrong}\r\n");
+        assert_eq!(admin_send(&spooky, "POST /reload", Some("127.0.0.1"), &auth).0, 401, "{wrong}");
+    }
+    let auth = format!("authorization: Bearer {token}\r\n");
+    assert_eq!(admin_send(&spooky, "POST /reload", Some("127.0.0.1"), &auth).0, 202);
+    // DNS rebinding: a page of evil.example that resolves to 127.0.0.1 sends its own name.
+    assert_eq!(admin_send(&spooky, "GET /metrics", None, "").0, 421, "no Host");
+    assert_eq!(admin_send(&spooky, "GET /metrics", Some("evil.example:9901"), "").0, 421);
+    for host in ["localhost", "127.0.0.1:9901", "[::1]:9901"] {
+        assert_eq!(admin_send(&spooky, "GET /healthz", Some(host), "").0, 200, "{host}");
+    }
+    crate::harness::summary(
+        "admin_abuse",
+        &format!("slowloris=200 huge_header=10MiB evicted={evicted} healthz_slowest={slowest:?} data_path_ok=20/20"),
+    );
+}
+
+/// An admin request with `Host: host` (none if `None`) and the `extra` header lines:
+/// (status, body).
+fn admin_send(spooky: &Spooky, request: &str, host: Option<&str>, extra: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let host = host.map(|h| format!("host: {h}\r\n")).unwrap_or_default();
+    let mut s = std::net::TcpStream::connect(spooky.admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "{request} HTTP/1.1\r\n{host}{extra}connection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }

@@ -196,13 +196,34 @@ impl Spooky {
         let mut s = std::net::TcpStream::connect(self.admin).expect("admin listener");
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
-        write!(s, "{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-length: 0\r\nconnection: close\r\n\r\n")
-            .unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\n{auth}content-length: 0\r\nconnection: close\r\n\r\n",
+            self.admin
+        )
+        .unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).expect("admin response");
         let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
         let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
         (status, body)
+    }
+
+    /// `POST /reload` (answered 202 at once), then the reload's outcome from `/config` once it
+    /// is no longer pending (within 30 s): `{"state", "version", "error"}`.
+    pub fn admin_reload(&self, token: &str) -> serde_json::Value {
+        let (status, body) = self.admin_request("POST", "/reload", Some(token));
+        assert_eq!(status, 202, "{body}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, config) = self.admin_get("/config");
+            let v: serde_json::Value = serde_json::from_str(&config).expect("/config is JSON");
+            if v["last_reload"]["state"] != "pending" {
+                return v["last_reload"].clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "the reload is still pending: {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn admin_get(&self, path: &str) -> (u16, String) {

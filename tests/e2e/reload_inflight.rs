@@ -107,9 +107,10 @@ fn config_version_is_the_one_every_worker_acknowledged() {
     let m = spooky.metrics();
     assert_eq!(metric_sum(&m, "spooky_config_version", &[]), 1.0);
     assert_eq!(metric_sum(&m, "spooky_config_version_pending", &[]), 2.0);
-    // `POST /reload` answers once every worker runs the version: after the stall.
-    let (status, body) = spooky.admin_request("POST", "/reload", Some("a-token-of-twenty-chars"));
-    assert_eq!((status, body.as_str()), (200, "reloaded: version 2\n"));
+    // A reload's outcome (in `/config`, `POST /reload` answers at once) is known once every
+    // worker runs the version: after the stall.
+    let outcome = spooky.admin_reload("a-token-of-twenty-chars");
+    assert_eq!((outcome["state"].as_str(), outcome["version"].as_u64()), (Some("applied"), Some(2)), "{outcome}");
     assert_eq!(stall.join().unwrap().expect("the stalled request is answered").status, 200);
     let v = wait_for_hash(&spooky, &text(2));
     assert_eq!(v["version"], 2);
