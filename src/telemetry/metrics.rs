@@ -21,8 +21,10 @@
 //! | `spooky_quic_rtt_seconds`, `spooky_quic_cwnd_bytes` | histogram | sampled from quiche when a connection closes |
 //! | `spooky_quic_packets_lost_total`, `spooky_quic_packets_retransmitted_total` | counter | worker |
 //! | `spooky_upstream_connects_total`, `spooky_upstream_failures_total{status}`, `spooky_upstream_resets_total`, `spooky_upstream_retries_total`, `spooky_requests_cancelled_total` | counter | |
-//! | `spooky_reloads_total` | counter | result (`ok`, `invalid`, `restart_required`) |
-//! | `spooky_config_version` | gauge | |
+//! | `spooky_reloads_total` | counter | result (`ok`, `invalid`, `restart_required`, `worker_failed`) |
+//! | `spooky_config_version` | gauge | the version every worker acknowledged |
+//! | `spooky_config_version_pending` | gauge | a newer version not every worker acknowledged yet (0: none) |
+//! | `spooky_worker_panics_total` | counter | worker — panics; the worker was restarted (`control::supervise`) |
 //! | `spooky_access_log_dropped_total` | counter | |
 
 use metrics::{Counter, Gauge, Histogram};
