@@ -9,6 +9,7 @@
 //! | request path | effect on the worker handling it |
 //! |---|---|
 //! | `/.spooky-fault/panic` | panics (in the request handler) |
+//! | `/.spooky-fault/panic-task` | panics in a task spawned on the worker's runtime (as an upstream task would) |
 //! | `/.spooky-fault/stall?ms=N` | blocks the worker thread for N ms (at most 10 s) |
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,7 @@ use std::time::Duration;
 /// The environment variable that turns fault injection on at start-up.
 pub const ENV: &str = "SPOOKY_FAULT_INJECTION";
 pub const PANIC_PATH: &str = "/.spooky-fault/panic";
+pub const TASK_PANIC_PATH: &str = "/.spooky-fault/panic-task";
 pub const STALL_PATH: &str = "/.spooky-fault/stall";
 const MAX_STALL: Duration = Duration::from_secs(10);
 
@@ -37,6 +39,9 @@ pub fn on_request(path: &str) {
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
     match route {
         PANIC_PATH => panic!("fault injection: {PANIC_PATH} requested"),
+        TASK_PANIC_PATH => {
+            monoio::spawn(async { panic!("fault injection: {TASK_PANIC_PATH} requested") });
+        }
         STALL_PATH => {
             let ms = query.strip_prefix("ms=").and_then(|v| v.parse().ok()).unwrap_or(1000);
             std::thread::sleep(Duration::from_millis(ms).min(MAX_STALL));

@@ -13,6 +13,7 @@
 //!   acknowledges that version. The connections of the panicked run are lost; their clients get
 //!   a stateless reset for the next packet they send. Other workers share nothing mutable with
 //!   it and carry on.
+//! - A panic before the worker's first run is set up fails start-up, like any start-up error.
 //! - A worker that panics more than [`MAX_PANICS`] times within [`PANIC_WINDOW`] is not
 //!   restarted again: Spooky exits non-zero so the process supervisor (systemd, Kubernetes)
 //!   restarts it, rather than spin on a panic every client can trigger. During a drain a
@@ -33,6 +34,7 @@ use crate::telemetry::access_log::AccessLogger;
 use anyhow::Context as _;
 use crossbeam_channel::Sender;
 use futures::FutureExt as _;
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::net::UdpSocket;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -85,7 +87,8 @@ pub fn install_panic_hook() {
     }));
 }
 
-/// Starts worker `seed.id` on its own thread; `ready` hears once its first run is set up.
+/// Starts worker `seed.id` on its own thread; `ready` hears once its first run is set up (or
+/// failed to: a panic before that is not restarted).
 pub fn spawn(seed: WorkerSeed, ready: Sender<anyhow::Result<()>>) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name(format!("spooky-w{}", seed.id)).spawn(move || supervise(seed, ready))
 }
@@ -98,15 +101,21 @@ fn supervise(seed: WorkerSeed, ready: Sender<anyhow::Result<()>>) {
         }
     }
     let panics_total = metrics::counter!("spooky_worker_panics_total", "worker" => id.to_string());
-    let mut ready = Some(ready);
+    // Taken by the first run once it is set up.
+    let ready = Cell::new(Some(ready));
     let mut panics: VecDeque<Instant> = VecDeque::new();
     let error = loop {
         let start = seed.latest.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        match run_worker(&seed, &start, ready.take()) {
+        match run_worker(&seed, &start, &ready) {
             Ok(Ended::Drained) => break None,
             Err(e) => break Some(format!("{e:#}")),
             Ok(Ended::Panicked) => {
                 panics_total.increment(1);
+                if let Some(ready) = ready.take() {
+                    // Start-up fails as a whole rather than wait for a worker that restarts.
+                    let _ = ready.send(Err(anyhow::anyhow!("worker {id} panicked while starting")));
+                    break Some("panicked while starting".into());
+                }
                 let now = Instant::now();
                 panics.push_back(now);
                 panics.retain(|t| now.duration_since(*t) < PANIC_WINDOW);
@@ -140,10 +149,14 @@ const WIND_DOWN: Duration = Duration::from_millis(100);
 /// outside it, where their wake-ups panic again (monoio), and a second panic while unwinding
 /// aborts the process. Leaking is also what keeps buffers of io_uring operations still in the
 /// kernel valid. The cost is the driver's few descriptors and whatever the dead run left.
-fn run_worker(seed: &WorkerSeed, start: &Latest, ready: Option<Sender<anyhow::Result<()>>>) -> anyhow::Result<Ended> {
+fn run_worker(
+    seed: &WorkerSeed,
+    start: &Latest,
+    ready: &Cell<Option<Sender<anyhow::Result<()>>>>,
+) -> anyhow::Result<Ended> {
     let id = seed.id;
     let report = |result: anyhow::Result<()>| {
-        if let Some(ready) = &ready {
+        if let Some(ready) = ready.take() {
             let _ = ready.send(result);
         }
     };

@@ -178,6 +178,9 @@ impl Worker {
         keys: Arc<EdgeKeys>,
     ) -> anyhow::Result<Self> {
         let q = &snap.config.quic;
+        // A new run of a worker (also after a panic) holds no connection or stream yet.
+        ctx.metrics.connections_active.set(0.0);
+        ctx.metrics.streams_active.set(0.0);
         Ok(Worker {
             id,
             version: snap.version,

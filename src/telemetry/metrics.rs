@@ -23,8 +23,10 @@
 //! | `spooky_upstream_connects_total`, `spooky_upstream_failures_total{status}`, `spooky_upstream_resets_total`, `spooky_upstream_retries_total`, `spooky_requests_cancelled_total` | counter | |
 //! | `spooky_upstream_replays_total` | counter | outcome — unprocessed streams sent again (`refused_stream`, `goaway`, `connection_closing`) or not (`body_not_held`, `exhausted`) |
 //! | `spooky_client_read_timeouts_total` | counter | response streams reset after `timeouts.client_read` without the client accepting a byte |
-//! | `spooky_reloads_total` | counter | result (`ok`, `invalid`, `restart_required`) |
-//! | `spooky_config_version` | gauge | |
+//! | `spooky_reloads_total` | counter | result (`ok`, `invalid`, `restart_required`, `worker_failed`) |
+//! | `spooky_config_version` | gauge | the version every worker acknowledged |
+//! | `spooky_config_version_pending` | gauge | a newer version not every worker acknowledged yet (0: none) |
+//! | `spooky_worker_panics_total` | counter | worker — panics; the worker was restarted (`control::supervise`) |
 //! | `spooky_access_log_dropped_total` | counter | |
 
 use metrics::{Counter, Gauge, Histogram};

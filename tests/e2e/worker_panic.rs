@@ -90,6 +90,12 @@ fn a_panicking_worker_restarts_on_its_socket_and_the_other_worker_carries_on() {
     assert_eq!(metric_sum(&m, "spooky_worker_panics_total", &[("worker", "0")]), 1.0);
     assert_eq!(metric_sum(&m, "spooky_worker_panics_total", &[("worker", "1")]), 0.0);
     assert_eq!(spooky.udp_socket_inodes(), sockets, "the panicked worker's socket survived");
+    // The lost connections left the gauges: worker 0 holds only `fresh` (closed probes may
+    // take their draining period to go).
+    let active =
+        spooky.wait_metric("spooky_connections_active", &[("worker", "0")], Duration::from_secs(5), |v| v == 1.0);
+    assert_eq!(active, 1.0);
+    assert_eq!(metric_sum(&m, "spooky_streams_active", &[("worker", "0")]), 0.0);
     let (_, config) = spooky.admin_get("/config");
     let config: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(config["worker_versions"], serde_json::json!([1, 1]), "the restarted worker acknowledged: {config}");
@@ -99,6 +105,33 @@ fn a_panicking_worker_restarts_on_its_socket_and_the_other_worker_carries_on() {
     assert!(log.contains("worker panicked: restarting it on its sockets"), "{log}");
     let mut spooky = spooky;
     assert!(spooky.proc.child.try_wait().unwrap().is_none(), "the process is still up");
+}
+
+/// A panic in a task on the worker's runtime (where upstream tasks run) leaves the runtime
+/// instead of the worker's loop: the worker restarts all the same, and nothing aborts.
+#[test]
+fn a_panic_in_a_task_of_the_worker_restarts_it_too() {
+    let backend = Backend::start("a");
+    let spooky = Spooky::start_with_env(
+        &format!(
+            "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}\nupstreams:\n  main: {{ backends: [{{ address: \"{}\" }}] }}\nroutes: [{{ upstream: main }}]\n",
+            backend.addr
+        ),
+        &FAULTS,
+    );
+    let short = Options { timeout: Duration::from_secs(3), ..Options::default() };
+    let mut victim = client_on(&spooky, "1", &short);
+    let mut survivor = client_on(&spooky, "0", &Options::default());
+    let _ = victim.request(Request::get("/.spooky-fault/panic-task"));
+    let panics =
+        spooky.wait_metric("spooky_worker_panics_total", &[("worker", "1")], Duration::from_secs(10), |v| v >= 1.0);
+    assert_eq!(panics, 1.0, "{}", spooky.proc.log_text());
+    assert_eq!(survivor.request(Request::get("/bytes/5000")).unwrap().body_len, 5000);
+    let mut fresh = client_on(&spooky, "1", &Options::default());
+    assert_eq!(fresh.request(Request::get("/")).unwrap().status, 200);
+    let mut spooky = spooky;
+    assert!(spooky.proc.child.try_wait().unwrap().is_none(), "the process is still up");
+    assert!(spooky.proc.log_text().contains("fault injection: /.spooky-fault/panic-task requested"));
 }
 
 #[test]
