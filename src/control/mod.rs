@@ -97,6 +97,9 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
         }
     }
     let keys = Arc::new(EdgeKeys::load(&config).context("loading the QUIC secret")?);
+    if let (snapshot::Source::File(path), Some(_)) = (&first.source, &config.admin.token) {
+        crate::edge::keys::warn_if_others_can_read("admin.token", path);
+    }
     let mut stray_boxes = Vec::with_capacity(workers);
     let mut peers = Vec::with_capacity(workers);
     for _ in 0..workers {

@@ -32,7 +32,8 @@ impl EdgeKeys {
         }
         let secrets = config.quic.secret_key_file.iter().map(|f| ("quic.secret_key_file", f));
         let keys = config.tls.key.iter().map(|f| ("tls.key", f));
-        for (key, file) in secrets.chain(keys) {
+        let sni_keys = config.tls.sni.iter().map(|s| ("tls.sni[].key", &s.key));
+        for (key, file) in secrets.chain(keys).chain(sni_keys) {
             warn_if_others_can_read(key, file);
         }
         let master = match (&config.quic.secret_key_file, &config.tls.key) {
@@ -74,8 +75,8 @@ impl EdgeKeys {
 }
 
 /// Logs a warning when `file` (a secret) may be read by users other than its owner and group:
-/// with the TLS key or the QUIC secret, anyone on the machine could impersonate the server or
-/// forge its stateless resets and tokens.
+/// with a TLS key or the QUIC secret, anyone on the machine could impersonate the server or
+/// forge its stateless resets and tokens; with a config holding `admin.token`, reload it.
 pub fn warn_if_others_can_read(key: &str, file: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(file) {

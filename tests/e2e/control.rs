@@ -184,6 +184,9 @@ fn admin_endpoints_and_token_guarded_reload() {
     let text = config(&pool("main", &[(&a, 1)]), "  - { upstream: main }\n")
         .replace("admin: { listen: 127.0.0.1:0 }", &format!("admin: {{ listen: 127.0.0.1:0, token: {token} }}"));
     let spooky = Spooky::start(&text);
+    // The harness writes the file 0644: a token every user of the machine can read.
+    let log = spooky.proc.log_text();
+    assert!(log.contains("a secret is readable by every user") && log.contains("key=\"admin.token\""), "{log}");
     assert_eq!(spooky.admin_get("/healthz").0, 200);
     assert_eq!(spooky.admin_get("/readyz").0, 200);
     assert_eq!(spooky.admin_get("/nope").0, 404);
