@@ -656,7 +656,7 @@ def test_chromium_port_migration_after_stall(lab, tmp_path):
     quiche never repeats it and the path stays under the 3x anti-amplification limit (the
     download crawls), or it gives the path up, sends on the old one, whose connection ID Chromium
     has retired, and closes the connection with PROTOCOL_VIOLATION (`Failed to fetch`). In some runs
-    (3 of 13 here) the connection recovers and the test passes. It fails outright if Chromium did
+    (about one in five here) the connection recovers and the test passes. It fails outright if Chromium did
     not migrate, since then it no longer exercises that path."""
     edge = lab.spooky(MIGRATION_PORT, "", "spooky-defaults")
     with watched(edge.spooky), edge.ns.entered():
@@ -668,9 +668,9 @@ def test_chromium_port_migration_after_stall(lab, tmp_path):
                     s.load(f"{edge.origin}/hello")
                     # The request goes out while Spooky is stopped: a retransmittable packet left
                     # unacknowledged is what makes Chromium call the path degrading (ACKs alone,
-                    # as during a download, would not).
-                    # Spooky runs again once Chromium opened the socket for its new port (its probe
-                    # is then waiting in Spooky's socket), or after STALL_S.
+                    # as during a download, would not). Spooky runs again once Chromium opened the
+                    # socket for its new port (its probe then waits in Spooky's socket), or after
+                    # STALL_S.
                     pid = edge.spooky.popen.pid
                     before = connected_to(pid, edge.port)
                     try:
