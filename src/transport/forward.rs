@@ -508,7 +508,10 @@ async fn stream_response<F: std::ops::DerefMut<Target: Future<Output = Sent>>>(
         x.resp_end = true;
         x.notify_edge();
     }
-    // The last bytes wait for the client with no upstream read to time: bound them too.
+    // The last bytes wait for the client with no upstream read to time: bound them too. The
+    // edge usually hands them to QUIC in its next turn: only what is still waiting after that
+    // costs a timer.
+    crate::runtime::yield_now().await;
     while let Some(waited) = waited(ex).filter(|_| !ex.borrow().is_cancelled()) {
         if waited >= up.client_read {
             return client_stalled(ex);

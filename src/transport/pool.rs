@@ -114,13 +114,13 @@ impl Conn {
     }
 
     /// Whether it may carry another request: false once it carried `max_requests`, the peer
-    /// sent GOAWAY, or the connection failed (h2 opens no stream then; a fresh handle has no
-    /// stream pending, so asking never registers the waker).
-    fn takes_streams(&self, s: &Settings) -> bool {
+    /// sent GOAWAY, or the connection failed (h2 opens no stream then; the pool's own handle
+    /// never has a stream pending, so asking never registers the waker).
+    fn takes_streams(&mut self, s: &Settings) -> bool {
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
         self.alive.get()
             && self.lent.get() < s.max_requests
-            && matches!(self.sender.clone().poll_ready(&mut cx), Poll::Ready(Ok(())))
+            && matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
     }
 }
 
@@ -201,7 +201,7 @@ pub async fn connection(
             let mut p = pool.borrow_mut();
             let settings = p.settings;
             let slot = p.slots.entry(key.clone()).or_default();
-            slot.conns.retain(|c| c.takes_streams(&settings));
+            slot.conns.retain_mut(|c| c.takes_streams(&settings));
             if let Some(c) = slot.conns.iter().find(|c| c.has_free_slot() && c.has_window(&settings)) {
                 return Ok(Pooled::lend(c));
             }
