@@ -2,7 +2,6 @@
 //! the admin listener, and graceful drain on SIGTERM.
 
 use crate::harness::{metric_sum, Backend, Spooky, PREAMBLE};
-use sha2::{Digest, Sha256};
 use spooky::tools::h3client::{Options, Request};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,20 +17,10 @@ fn pool(name: &str, backends: &[(&Backend, u32)]) -> String {
     format!("  {name}: {{ backends: [{}] }}\n", list.join(", "))
 }
 
-/// Rewrites the config file and waits until `/config` reports its hash.
+/// Rewrites the config file and waits until `/config` reports its hash; the new version.
 fn rewrite(spooky: &Spooky, text: &str) -> u64 {
     std::fs::write(&spooky.config, text).unwrap();
-    let want = hex::encode(&Sha256::digest(text.as_bytes())[..8]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, body) = spooky.admin_get("/config");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if v["hash"] == want.as_str() {
-            return v["version"].as_u64().unwrap();
-        }
-        assert!(Instant::now() < deadline, "reload to {want} not seen; /config says {body}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    spooky.wait_for_config(text)["version"].as_u64().unwrap()
 }
 
 #[test]

@@ -226,6 +226,26 @@ impl Spooky {
         }
     }
 
+    /// Waits (up to 10 s) until `/config` reports the hash of configuration `text`; its JSON.
+    pub fn wait_for_config(&self, text: &str) -> serde_json::Value {
+        use sha2::{Digest, Sha256};
+        let want = hex::encode(&Sha256::digest(text.as_bytes())[..8]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = self.admin_get("/config");
+            let v: serde_json::Value = serde_json::from_str(&body).expect("/config is JSON");
+            if v["hash"] == want.as_str() {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reload to {want} not seen; /config says {body}\n{}",
+                self.proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn admin_get(&self, path: &str) -> (u16, String) {
         self.admin_request("GET", path, None)
     }

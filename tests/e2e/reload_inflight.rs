@@ -4,31 +4,11 @@
 
 use crate::harness::{metric_sum, Backend, Legit, Spooky, PREAMBLE};
 use crate::worker_panic::{client_on, FAULTS};
-use sha2::{Digest, Sha256};
 use spooky::tools::h3client::{Body, Options, Request};
 use spooky::tools::pattern;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Waits until `/config` reports the hash of `text`; returns its JSON.
-fn wait_for_hash(spooky: &Spooky, text: &str) -> serde_json::Value {
-    let want = hex::encode(&Sha256::digest(text.as_bytes())[..8]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, body) = spooky.admin_get("/config");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if v["hash"] == want.as_str() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "reload to {want} not seen; /config says {body}\n{}",
-            spooky.proc.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// The crash of issue 11: an upload whose slow-body deadline was armed under
 /// `body_min_rate: 1KiB` (the default) read its next chunk under `body_min_rate: 0` after a
@@ -58,7 +38,7 @@ fn turning_the_body_rate_off_mid_upload_keeps_the_upload_and_the_process() {
     let text = std::fs::read_to_string(&spooky.config).unwrap() + "timeouts: { body_min_rate: 0 }\n";
     std::fs::write(&spooky.config, &text).unwrap();
     spooky.signal(libc::SIGHUP);
-    let applied = wait_for_hash(&spooky, &text);
+    let applied = spooky.wait_for_config(&text);
     assert_eq!(applied["version"], 2, "{applied}");
     assert!(!done.load(Ordering::Relaxed), "the upload finished before the reload: make it larger");
 
@@ -112,7 +92,7 @@ fn config_version_is_the_one_every_worker_acknowledged() {
     let outcome = spooky.admin_reload("a-token-of-twenty-chars");
     assert_eq!((outcome["state"].as_str(), outcome["version"].as_u64()), (Some("applied"), Some(2)), "{outcome}");
     assert_eq!(stall.join().unwrap().expect("the stalled request is answered").status, 200);
-    let v = wait_for_hash(&spooky, &text(2));
+    let v = spooky.wait_for_config(&text(2));
     assert_eq!(v["version"], 2);
     assert_eq!(v["worker_versions"], serde_json::json!([2, 2]), "{v}");
     assert!(v["pending"].is_null(), "{v}");

@@ -27,16 +27,19 @@ pub fn client_on(spooky: &Spooky, worker: &str, opts: &Options) -> Client {
     panic!("no connection landed on worker {worker} in 64 tries");
 }
 
+/// Spooky with two workers in front of `backend`, fault injection on.
+fn start_with_faults(backend: &Backend) -> Spooky {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}\nupstreams:\n  main: {{ backends: [{{ address: \"{}\" }}] }}\nroutes: [{{ upstream: main }}]\n",
+        backend.addr
+    );
+    Spooky::start_with_env(&yaml, &FAULTS)
+}
+
 #[test]
 fn a_panicking_worker_restarts_on_its_socket_and_the_other_worker_carries_on() {
     let backend = Backend::start("a");
-    let spooky = Spooky::start_with_env(
-        &format!(
-            "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}\nupstreams:\n  main: {{ backends: [{{ address: \"{}\" }}] }}\nroutes: [{{ upstream: main }}]\n",
-            backend.addr
-        ),
-        &FAULTS,
-    );
+    let spooky = start_with_faults(&backend);
     let sockets = spooky.udp_socket_inodes();
     let long = Options { timeout: Duration::from_secs(60), keep_body: 1024, ..Options::default() };
     let mut victim = client_on(&spooky, "0", &Options { timeout: Duration::from_secs(3), ..Options::default() });
@@ -112,13 +115,7 @@ fn a_panicking_worker_restarts_on_its_socket_and_the_other_worker_carries_on() {
 #[test]
 fn a_panic_in_a_task_of_the_worker_restarts_it_too() {
     let backend = Backend::start("a");
-    let spooky = Spooky::start_with_env(
-        &format!(
-            "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}\nupstreams:\n  main: {{ backends: [{{ address: \"{}\" }}] }}\nroutes: [{{ upstream: main }}]\n",
-            backend.addr
-        ),
-        &FAULTS,
-    );
+    let spooky = start_with_faults(&backend);
     let short = Options { timeout: Duration::from_secs(3), ..Options::default() };
     let mut victim = client_on(&spooky, "1", &short);
     let mut survivor = client_on(&spooky, "0", &Options::default());
