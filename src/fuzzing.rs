@@ -510,7 +510,7 @@ impl EdgeHarness {
         self.peer = None;
         let EdgeHarness { runtime, snap, logger, keys, .. } = self;
         let (worker, peer) = runtime.block_on(async {
-            let offloads = Offloads { gso: false, gro: false, pacing: false };
+            let offloads = Offloads { gso: false, gro: false, txtime: false };
             let socket = EdgeSocket::new(bind_reuseport("127.0.0.1:0".parse().expect("address"))?, offloads)?;
             let mut peers = Vec::new();
             let mut boxes = Vec::new();

@@ -180,10 +180,13 @@ pub struct Quic {
     /// Receive with UDP GRO (the kernel hands over trains of datagrams in one read). Read at
     /// start.
     pub gro: bool,
-    /// Pace packets as quiche's congestion controller asks: each send carries its release
-    /// time (SO_TXTIME), enforced by an `fq` or `etf` qdisc on the egress device. Read at
-    /// start.
+    /// Pace each connection's packets (RFC 9002 §7.7): at quiche's release times under BBR2,
+    /// at 1.25 × cwnd / RTT under cubic and reno. Read at start.
     pub pacing: bool,
+    /// The egress qdisc enforces `SO_TXTIME` (`fq` or `etf`): hand release times to the
+    /// kernel. Off (the default, right for loopback and the usual `fq_codel`/`pfifo_fast`),
+    /// Spooky holds each not-yet-due packet itself until a timer releases it. Read at start.
+    pub pacing_qdisc: bool,
     /// This node's id in every connection ID it issues (CID bytes 1-2), so an L4 balancer in
     /// front of a fleet (QUIC-LB plaintext mode, Katran) routes on it. Read at start.
     pub server_id: u16,
@@ -236,6 +239,7 @@ impl Default for Quic {
             gso: true,
             gro: true,
             pacing: true,
+            pacing_qdisc: false,
             server_id: 0,
             cid_rotation: 0,
             reuseport_bpf: true,

@@ -198,7 +198,7 @@ async fn serve(seed: &WorkerSeed, start: &Latest, report: impl Fn(anyhow::Result
     let setup = || -> anyhow::Result<Worker> {
         let snap = &start.snapshot;
         let q = &snap.config.quic;
-        let offloads = Offloads { gso: q.gso, gro: q.gro, pacing: q.pacing };
+        let offloads = Offloads { gso: q.gso, gro: q.gro, txtime: q.pacing && q.pacing_qdisc };
         let sockets =
             seed.sockets.iter().map(|s| EdgeSocket::new(s.try_clone()?, offloads)).collect::<Result<Vec<_>, _>>()?;
         let peers = seed.peers.iter().map(Postbox::try_clone).collect::<Result<Vec<_>, _>>()?;

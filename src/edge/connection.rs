@@ -8,6 +8,7 @@
 //! Every stream leaves through [`Connection::finish_stream`], which records its metrics and
 //! access-log line exactly once.
 
+use super::pacing::Pacer;
 use super::worker::WorkerCtx;
 use crate::bridge::exchange::{Exchange, Failure, SharedExchange, StreamKey};
 use crate::bridge::{h3_error, request, response};
@@ -45,6 +46,8 @@ pub struct Connection {
     pub deadline: Option<Instant>,
     /// Set while queued for the worker's next flush.
     pub dirty: bool,
+    /// Pacing schedule and the datagram held until it is due.
+    pub pacer: Pacer,
     /// The name Spooky puts in `via`.
     via_name: Rc<str>,
     /// Request body is read here and split off, so a small read does not pin a large buffer.
@@ -151,6 +154,7 @@ impl Connection {
             cids: Vec::new(),
             deadline: None,
             dirty: false,
+            pacer: Pacer::default(),
             via_name,
             read_buf: BytesMut::new(),
             max_stream_seen: None,

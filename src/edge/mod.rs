@@ -1,6 +1,7 @@
 //! The QUIC + HTTP/3 edge: one event loop per worker.
 //!
 //! - [`socket`]: the worker's `SO_REUSEPORT` UDP sockets.
+//! - [`pacing`]: when each datagram may leave, and holding the ones not yet due.
 //! - [`cid`]: Spooky's connection-ID layout (rotation, server id, worker id, nonce).
 //! - [`steering`]: the reuseport BPF program and the hand-off of stray packets between workers.
 //! - [`keys`]: the secrets behind stateless resets and Retry tokens.
@@ -16,6 +17,7 @@ pub mod admission;
 pub mod cid;
 pub mod connection;
 pub mod keys;
+pub mod pacing;
 pub mod refuse;
 pub mod retry;
 pub mod settings;

@@ -54,7 +54,8 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 pub struct Offloads {
     pub gso: bool,
     pub gro: bool,
-    pub pacing: bool,
+    /// Carry release times in `SO_TXTIME` (only where the egress qdisc enforces them).
+    pub txtime: bool,
 }
 
 impl EdgeSocket {
@@ -64,7 +65,7 @@ impl EdgeSocket {
         let ready = monoio::net::udp::UdpSocket::from_std(io.try_clone()?)?;
         let gro = want.gro && enable_gro(&io);
         let clock = libc::sock_txtime { clockid: libc::CLOCK_MONOTONIC, flags: 0 };
-        let txtime = want.pacing && enable(&io, libc::SOL_SOCKET, SO_TXTIME, &clock, "SO_TXTIME pacing");
+        let txtime = want.txtime && enable(&io, libc::SOL_SOCKET, SO_TXTIME, &clock, "SO_TXTIME pacing");
         Ok(EdgeSocket { io, local, ready, gso: Cell::new(want.gso), gro, txtime })
     }
 
@@ -103,6 +104,11 @@ impl EdgeSocket {
             }
         }
         Ok(())
+    }
+
+    /// Sends carry their release time for the qdisc.
+    pub fn txtime(&self) -> bool {
+        self.txtime
     }
 
     pub async fn readable(&self) -> std::io::Result<()> {

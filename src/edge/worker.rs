@@ -22,6 +22,7 @@ use super::admission::{Admission, Refusal, Verdict};
 use super::cid::{self, CidGenerator, CID_LEN};
 use super::connection::Connection;
 use super::keys::{self, EdgeKeys};
+use super::pacing::{Held, PaceMode, Rate, HORIZON};
 use super::settings;
 use super::socket::{EdgeSocket, GSO_MAX_SEGMENTS, PACING_SLACK};
 use super::steering::Stray;
@@ -39,8 +40,7 @@ use crate::telemetry::metrics::{DropReason, RouteMetrics, WorkerMetrics};
 use crate::transport::forward::RoutePolicy;
 use crate::transport::Upstreams;
 use std::cell::RefCell;
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -152,7 +152,9 @@ pub struct Worker {
     conns: HashMap<u64, Connection>,
     by_cid: HashMap<Vec<u8>, u64>,
     next_handle: u64,
-    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Each connection's next deadline, exactly one entry per connection that has one, so a
+    /// client that moves its deadline on every packet cannot grow it.
+    timers: BTreeSet<(Instant, u64)>,
     dirty: Vec<u64>,
     cids: CidGenerator,
     via_name: Rc<str>,
@@ -160,6 +162,8 @@ pub struct Worker {
     send_buf: Vec<u8>,
     /// Largest datagram Spooky sends (`quic.max_udp_payload`).
     max_datagram: usize,
+    /// Who enforces pacing release times on this worker's sockets.
+    pace_mode: PaceMode,
     /// Set by a drain order: when remaining connections are closed regardless.
     drain_deadline: Option<Instant>,
     /// Where receives land, and the streams with upstream news, reused every turn.
@@ -181,6 +185,13 @@ impl Worker {
         // A new run of a worker (also after a panic) holds no connection or stream yet.
         ctx.metrics.connections_active.set(0.0);
         ctx.metrics.streams_active.set(0.0);
+        // Sockets carry SO_TXTIME only where config says the qdisc enforces it (and the
+        // kernel took the option); everywhere else Spooky holds paced datagrams itself.
+        let pace_mode = match (q.pacing, sockets.iter().all(|s| s.txtime())) {
+            (false, _) => PaceMode::Off,
+            (true, true) => PaceMode::Qdisc,
+            (true, false) => PaceMode::UserSpace,
+        };
         Ok(Worker {
             id,
             version: snap.version,
@@ -196,12 +207,13 @@ impl Worker {
             conns: HashMap::new(),
             by_cid: HashMap::new(),
             next_handle: 0,
-            timers: BinaryHeap::new(),
+            timers: BTreeSet::new(),
             dirty: Vec::new(),
             cids: CidGenerator::new(q.cid_rotation, q.server_id, id as u8),
             // The largest IPv4 UDP payload: a GSO batch is one datagram to the kernel.
             send_buf: vec![0; 65_507],
             max_datagram: snap.config.quic.max_udp_payload,
+            pace_mode,
             drain_deadline: None,
             recv_buf: vec![0u8; RECV_BUF],
             news: Vec::new(),
@@ -556,17 +568,15 @@ impl Worker {
     }
 
     fn fire_timers(&mut self, now: Instant) {
-        while let Some(Reverse((at, handle))) = self.timers.peek().copied() {
+        while let Some(&(at, handle)) = self.timers.first() {
             if at > now {
                 break;
             }
-            self.timers.pop();
+            self.timers.pop_first();
             let Some(conn) = self.conns.get_mut(&handle) else { continue };
-            // Entries are never removed from the heap; only the latest deadline counts.
-            if conn.deadline != Some(at) {
-                continue;
-            }
             conn.deadline = None;
+            // The deadline may be quiche's, a body's minimum rate or a paced datagram's;
+            // each of these checks its own time.
             conn.quic.on_timeout();
             conn.on_input(&self.ctx);
             conn.cut_slow_bodies(&self.ctx, now);
@@ -574,7 +584,8 @@ impl Worker {
         }
     }
 
-    /// Sends what every touched connection has queued; reschedules timers; reaps closed ones.
+    /// Sends what every touched connection has queued, as far as pacing allows; reschedules
+    /// timers; reaps closed ones.
     async fn flush(&mut self) {
         let past_deadline = self.drain_deadline.is_some_and(|d| Instant::now() >= d);
         while let Some(handle) = self.dirty.pop() {
@@ -582,64 +593,24 @@ impl Worker {
             conn.dirty = false;
             sync_cids(conn, &mut self.by_cid, &self.cids, &self.keys);
             let socket = &self.sockets[conn.socket];
-            // Packets of one flush go out in GSO batches: runs of equal-size datagrams to the
-            // same address (the last of a run may be shorter), written back to back in
-            // `send_buf` so the kernel can split them. A run is released at its first packet's
-            // pacing time; a packet quiche wants sent notably later starts a new run.
-            let max = self.max_datagram;
-            let (mut len, mut segment, mut count, mut dest) = (0usize, 0usize, 0usize, None);
-            let mut sent = 0u64;
-            loop {
-                let room = len + max <= self.send_buf.len() && count < GSO_MAX_SEGMENTS;
-                if !room {
-                    flush_batch(socket, &self.send_buf[..len], segment, dest).await;
-                    (len, segment, count) = (0, 0, 0);
-                }
-                match conn.quic.send(&mut self.send_buf[len..len + max]) {
-                    Ok((n, info)) => {
-                        sent += 1;
-                        let later = dest.is_some_and(|(_, at)| info.at > at + PACING_SLACK);
-                        if count > 0 && (dest.map(|(to, _)| to) != Some(info.to) || n > segment || later) {
-                            // Does not fit the current run: send the run, restart with this one.
-                            flush_batch(socket, &self.send_buf[..len], segment, dest).await;
-                            self.send_buf.copy_within(len..len + n, 0);
-                            (len, segment, count) = (0, 0, 0);
-                        }
-                        if count == 0 {
-                            segment = n;
-                            dest = Some((info.to, info.at));
-                        }
-                        len += n;
-                        count += 1;
-                        if n < segment {
-                            // A short datagram can only end a run.
-                            flush_batch(socket, &self.send_buf[..len], segment, dest).await;
-                            (len, segment, count) = (0, 0, 0);
-                        }
-                    }
-                    Err(quiche::Error::Done) => break,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "quiche send failed");
-                        let _ = conn.quic.close(false, 0x1, b"internal");
-                        break;
-                    }
-                }
-            }
-            flush_batch(socket, &self.send_buf[..len], segment, dest).await;
+            let sent = send_paced(conn, socket, &mut self.send_buf, self.max_datagram, self.pace_mode).await;
             self.ctx.metrics.packets_sent.increment(sent);
             if conn.quic.is_closed() || (past_deadline && conn.quic.is_draining()) {
                 self.remove(handle);
                 continue;
             }
             let now = Instant::now();
-            let deadline = match (conn.quic.timeout().map(|d| now + d), conn.next_body_deadline()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let deadline = [conn.quic.timeout().map(|d| now + d), conn.next_body_deadline(), conn.pacer.held_until()]
+                .into_iter()
+                .flatten()
+                .min();
             if deadline != conn.deadline {
+                if let Some(old) = conn.deadline {
+                    self.timers.remove(&(old, handle));
+                }
                 conn.deadline = deadline;
                 if let Some(at) = deadline {
-                    self.timers.push(Reverse((at, handle)));
+                    self.timers.insert((at, handle));
                 }
             }
         }
@@ -657,6 +628,7 @@ impl Worker {
     /// Forgets a connection that never got a readable packet (it was never counted).
     fn discard(&mut self, handle: u64) {
         if let Some(conn) = self.conns.remove(&handle) {
+            self.forget_timer(&conn);
             for cid in &conn.cids {
                 self.by_cid.remove(cid);
             }
@@ -665,6 +637,7 @@ impl Worker {
 
     fn remove(&mut self, handle: u64) {
         if let Some(mut conn) = self.conns.remove(&handle) {
+            self.forget_timer(&conn);
             for cid in &conn.cids {
                 self.by_cid.remove(cid);
             }
@@ -674,16 +647,17 @@ impl Worker {
         }
     }
 
+    fn forget_timer(&mut self, conn: &Connection) {
+        if let Some(at) = conn.deadline {
+            self.timers.remove(&(at, conn.handle));
+        }
+    }
+
     /// Sleeps until a socket is readable, the earliest timer is due, upstream news or a
     /// control message arrives.
     async fn wait(&mut self) {
-        while let Some(Reverse((at, handle))) = self.timers.peek().copied() {
-            if self.conns.get(&handle).is_some_and(|c| c.deadline == Some(at)) {
-                break;
-            }
-            self.timers.pop();
-        }
-        let deadline = self.timers.peek().map(|Reverse((at, _))| *at);
+        self.ctx.metrics.timers.set(self.timers.len() as f64);
+        let deadline = self.timers.first().map(|&(at, _)| at);
         let deadline = match (deadline, self.drain_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -717,11 +691,92 @@ impl Worker {
     }
 }
 
-/// Sends a run of datagrams to its destination at its release time (nothing when empty).
-async fn flush_batch(socket: &EdgeSocket, buf: &[u8], segment: usize, dest: Option<(SocketAddr, Instant)>) {
-    let Some((to, at)) = dest.filter(|_| !buf.is_empty()) else { return };
-    if let Err(e) = socket.send_batch(buf, segment, to, at).await {
-        tracing::debug!(error = %e, %to, "UDP send failed");
+/// Sends what `conn` has queued and pacing allows, in GSO runs: runs of equal-size datagrams
+/// to one address (the last may be shorter), written back to back in `buf` so the kernel can
+/// split them. Under user-space pacing the first datagram that is not due within
+/// [`HORIZON`] is held, and nothing more is generated for the connection until its timer
+/// releases it; under qdisc pacing a run carries its first datagram's release time, and one
+/// due notably later starts a new run. Returns the datagrams sent.
+async fn send_paced(conn: &mut Connection, socket: &EdgeSocket, buf: &mut [u8], max: usize, mode: PaceMode) -> u64 {
+    let now = Instant::now();
+    let due = now + HORIZON;
+    let mut run = Run::default();
+    if let Some(held) = conn.pacer.held.take() {
+        if held.at > due {
+            conn.pacer.held = Some(held);
+            return 0;
+        }
+        buf[..held.data.len()].copy_from_slice(&held.data);
+        run.add(held.data.len(), held.to, held.at);
+    }
+    let rate = Rate::of(&conn.quic, mode);
+    loop {
+        if run.len + max > buf.len() || run.count >= GSO_MAX_SEGMENTS {
+            run.send(socket, buf).await;
+        }
+        let (n, info) = match conn.quic.send(&mut buf[run.len..run.len + max]) {
+            Ok(sent) => sent,
+            Err(quiche::Error::Done) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "quiche send failed");
+                let _ = conn.quic.close(false, 0x1, b"internal");
+                break;
+            }
+        };
+        let at = conn.pacer.release(now, n, info.at, rate);
+        if mode == PaceMode::UserSpace && at > due {
+            conn.pacer.held = Some(Held { data: buf[run.len..run.len + n].to_vec(), to: info.to, at });
+            break;
+        }
+        let later = mode == PaceMode::Qdisc && run.dest.is_some_and(|(_, first)| at > first + PACING_SLACK);
+        if run.count > 0 && (run.dest.map(|(to, _)| to) != Some(info.to) || n > run.segment || later) {
+            // Does not fit the current run: send the run, restart with this datagram.
+            let start = run.len;
+            run.send(socket, buf).await;
+            buf.copy_within(start..start + n, 0);
+        }
+        run.add(n, info.to, at);
+        if n < run.segment {
+            // A short datagram can only end a run.
+            run.send(socket, buf).await;
+        }
+    }
+    run.send(socket, buf).await;
+    run.sent
+}
+
+/// The GSO run being assembled at the start of the send buffer.
+#[derive(Default)]
+struct Run {
+    len: usize,
+    segment: usize,
+    count: usize,
+    /// Destination and release time of the run's first datagram.
+    dest: Option<(SocketAddr, Instant)>,
+    /// Datagrams handed to the kernel so far.
+    sent: u64,
+}
+
+impl Run {
+    /// Appends the `n`-byte datagram just written at `buf[self.len..]`.
+    fn add(&mut self, n: usize, to: SocketAddr, at: Instant) {
+        if self.count == 0 {
+            self.segment = n;
+            self.dest = Some((to, at));
+        }
+        self.len += n;
+        self.count += 1;
+    }
+
+    /// Sends the run (nothing when empty) and starts an empty one.
+    async fn send(&mut self, socket: &EdgeSocket, buf: &[u8]) {
+        if let Some((to, at)) = self.dest.filter(|_| self.len > 0) {
+            if let Err(e) = socket.send_batch(&buf[..self.len], self.segment, to, at).await {
+                tracing::debug!(error = %e, %to, "UDP send failed");
+            }
+            self.sent += self.count as u64;
+        }
+        (self.len, self.segment, self.count, self.dest) = (0, 0, 0, None);
     }
 }
 

@@ -428,7 +428,7 @@ impl Running {
     /// A worker built from `snap`, the way `control::supervise` builds one (on the current
     /// runtime).
     fn start(snap: &Snapshot, logger: AccessLogger) -> anyhow::Result<Self> {
-        let offloads = Offloads { gso: false, gro: false, pacing: false };
+        let offloads = Offloads { gso: false, gro: false, txtime: false };
         let std_socket = bind_reuseport("127.0.0.1:0".parse().expect("address"))?;
         let addr = std_socket.local_addr()?;
         let socket = EdgeSocket::new(std_socket, offloads)?;

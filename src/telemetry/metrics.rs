@@ -7,6 +7,7 @@
 //! | `spooky_request_duration_seconds` | histogram | worker, pool — request head to response end |
 //! | `spooky_upstream_response_seconds` | histogram | worker, pool — request sent to response head |
 //! | `spooky_connections_active`, `spooky_streams_active` | gauge | worker |
+//! | `spooky_worker_timers` | gauge | worker — deadlines the worker holds (at most one per connection) |
 //! | `spooky_connections_accepted_total`, `spooky_quic_handshakes_total` | counter | worker |
 //! | `spooky_packets_received_total`, `spooky_packets_sent_total` | counter | worker |
 //! | `spooky_packets_dropped_total` | counter | worker, reason |
@@ -85,6 +86,8 @@ pub struct WorkerMetrics {
     worker: String,
     pub connections_active: Gauge,
     pub streams_active: Gauge,
+    /// Entries in the worker's timer set.
+    pub timers: Gauge,
     pub connections_accepted: Counter,
     pub handshakes: Counter,
     pub packets_received: Counter,
@@ -116,6 +119,7 @@ impl WorkerMetrics {
         WorkerMetrics {
             connections_active: metrics::gauge!("spooky_connections_active", &l()),
             streams_active: metrics::gauge!("spooky_streams_active", &l()),
+            timers: metrics::gauge!("spooky_worker_timers", &l()),
             connections_accepted: metrics::counter!("spooky_connections_accepted_total", &l()),
             handshakes: metrics::counter!("spooky_quic_handshakes_total", &l()),
             packets_received: metrics::counter!("spooky_packets_received_total", &l()),
