@@ -172,7 +172,9 @@ pub struct Quic {
     pub max_udp_payload: usize,
     /// Largest request header section accepted (SETTINGS_MAX_FIELD_SECTION_SIZE).
     pub max_header_list_size: ByteSize,
-    /// Congestion control: `cubic`, `reno` or `bbr2`.
+    /// Congestion control: `bbr2` (default), `cubic` or `reno`. BBR2 follows the delivery rate,
+    /// so a client that reads slower than the path (a browser) sees no drops; the loss-based
+    /// two fill its receive buffer until it overflows.
     pub congestion_control: String,
     /// Send each connection's packets with UDP GSO (one system call per batch); falls back
     /// by itself where the kernel refuses. Read at start.
@@ -235,7 +237,7 @@ impl Default for Quic {
             max_concurrent_streams: 256,
             max_udp_payload: 1350,
             max_header_list_size: ByteSize(64 << 10),
-            congestion_control: "cubic".into(),
+            congestion_control: "bbr2".into(),
             gso: true,
             gro: true,
             pacing: true,

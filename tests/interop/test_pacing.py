@@ -8,7 +8,7 @@ give) and records, for each datagram from Spooky, the kernel's receive timestamp
 
 The measure is the share of an RTT's datagrams that arrive in its busiest BURST_S: a sender
 that puts each flight on the wire at once scores near 1; one paced at 1.25 × cwnd / RTT
-(RFC 9002 §7.7) scores a few BURST_S/RTT. The same download through a Spooky with
+(RFC 9002 §7.7) scores a few BURST_S/RTT (the median over the transfer's RTTs is taken). The same download through a Spooky with
 `quic.pacing: false` is the control that shows the measure can fail.
 """
 
@@ -29,7 +29,7 @@ from conftest import start_backend, start_spooky
 from h3client import h3_connect, run
 from test_aioquic import pattern
 
-DELAY_S = 0.020
+DELAY_S = 0.050
 RTT_S = 2 * DELAY_S
 BURST_S = 0.002
 DOWNLOAD = 3_000_000
@@ -130,21 +130,21 @@ def backend_port(tmp_path_factory):
         backend.stop()
 
 
-def download_through_delay_line(tmp, backend_port: int, pacing: bool) -> list[float]:
-    cfg = tmp / f"spooky-pacing-{pacing}.yaml"
+def download_through_delay_line(tmp, backend_port: int, pacing: bool, cc: str) -> list[float]:
+    cfg = tmp / f"spooky-{cc}-pacing-{pacing}.yaml"
     cfg.write_text(
         f"""\
 listen: 127.0.0.1:0
 admin: {{ listen: 127.0.0.1:0 }}
 workers: 1
 tls: {{ self_signed: [localhost] }}
-quic: {{ pacing: {str(pacing).lower()}, congestion_control: cubic }}
+quic: {{ pacing: {str(pacing).lower()}, congestion_control: {cc} }}
 upstreams:
   demo: {{ backends: [{{ address: "127.0.0.1:{backend_port}" }}] }}
 routes: [{{ upstream: demo }}]
 """
     )
-    spooky, port, _ = start_spooky(cfg, tmp / f"spooky-pacing-{pacing}.log")
+    spooky, port, _ = start_spooky(cfg, tmp / f"spooky-{cc}-pacing-{pacing}.log")
     line = DelayLine(port)
     try:
 
@@ -163,15 +163,22 @@ routes: [{{ upstream: demo }}]
     return shares
 
 
-def test_datagrams_are_spread_over_the_rtt_without_a_pacing_qdisc(tmp_path, backend_port):
-    paced = download_through_delay_line(tmp_path, backend_port, pacing=True)
-    unpaced = download_through_delay_line(tmp_path, backend_port, pacing=False)
+@pytest.mark.parametrize("cc", ["cubic", "bbr2"])
+def test_datagrams_are_spread_over_the_rtt_without_a_pacing_qdisc(tmp_path, backend_port, cc):
+    """Under cubic Spooky's own schedule paces; under BBR2 quiche's release times do. Either
+    way Spooky holds what is not yet due, since loopback enforces no SO_TXTIME."""
+    paced = download_through_delay_line(tmp_path, backend_port, pacing=True, cc=cc)
+    unpaced = download_through_delay_line(tmp_path, backend_port, pacing=False, cc="cubic")
     p, u = statistics.median(paced), statistics.median(unpaced)
     print(
         f"\nSUMMARY pacing: busiest {BURST_S * 1000:.0f} ms of each {RTT_S * 1000:.0f} ms RTT holds "
-        f"{p:.0%} of its datagrams paced (windows {len(paced)}) vs {u:.0%} unpaced (windows {len(unpaced)})"
+        f"{p:.0%} of its datagrams paced with {cc} (windows {len(paced)}) vs {u:.0%} unpaced cubic "
+        f"(windows {len(unpaced)})"
     )
-    # Measured here: 13-17 % paced (1 ms timers and a 10-datagram burst allowance; perfect
-    # pacing would be ~6 %), 36-43 % unpaced (aioquic's slow reads already spread its ACKs).
-    assert u >= 0.3, f"the control sent no bursts ({unpaced}); the measure cannot tell"
-    assert p <= 0.22, f"paced datagrams still arrive in bursts: {paced}"
+    # Measured here (RTT 100 ms): medians 9-11 % paced with cubic (1 ms timers and a
+    # 10-datagram burst allowance), 4-5 % with BBR2; unpaced 19-49 % (aioquic's slow reads
+    # spread its ACKs, and so the flights, as they grow), but its first flights always
+    # arrive in one burst: the control's busiest window is 51-91 %.
+    assert max(unpaced) >= 0.45, f"the control sent no bursts ({unpaced}); the measure cannot tell"
+    assert p <= 0.15, f"paced datagrams still arrive in bursts: {paced}"
+    assert p < u, (paced, unpaced)
