@@ -25,7 +25,7 @@ pub mod supervise;
 mod watch;
 
 use crate::edge::keys::EdgeKeys;
-use crate::edge::socket::bind_reuseport;
+use crate::edge::socket::{bind_reuseport, buffer_shortfall};
 use crate::edge::steering;
 use crate::health::{active, HealthView};
 use crate::telemetry::{access_log, metrics as telemetry_metrics};
@@ -333,6 +333,10 @@ fn bind_all(listen: &[SocketAddr], workers: usize) -> anyhow::Result<Vec<Vec<Udp
             mine.push(sock);
         }
         all.push(mine);
+    }
+    // Every socket got the same treatment: one line for all of them.
+    if let Some(why) = all.first().and_then(|socks| socks.first()).and_then(buffer_shortfall) {
+        tracing::warn!("{why}");
     }
     Ok(all)
 }

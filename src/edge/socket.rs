@@ -34,6 +34,13 @@ pub struct EdgeSocket {
     txtime: bool,
 }
 
+/// Socket buffer Spooky asks for in each direction: absorbs bursts while the worker is busy.
+pub const SOCKET_BUFFER: usize = 8 << 20;
+/// SO_SNDBUFFORCE and SO_RCVBUFFORCE (asm-generic/socket.h): the same options, past
+/// `net.core.{w,r}mem_max`, for a process with CAP_NET_ADMIN.
+const SO_SNDBUFFORCE: libc::c_int = 32;
+const SO_RCVBUFFORCE: libc::c_int = 33;
+
 /// Binds one reuseport UDP socket on `addr` (call once per worker, in worker order).
 pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -41,12 +48,57 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     if addr.is_ipv6() {
         socket.set_only_v6(false).ok();
     }
-    // Large buffers absorb bursts while the worker is busy; the kernel caps them at rmem_max.
-    socket.set_recv_buffer_size(8 << 20).ok();
-    socket.set_send_buffer_size(8 << 20).ok();
+    // The kernel caps these at net.core.rmem_max / wmem_max (often 208 KiB); with
+    // CAP_NET_ADMIN the FORCE options go past the cap, as quic-go does.
+    socket.set_recv_buffer_size(SOCKET_BUFFER).ok();
+    socket.set_send_buffer_size(SOCKET_BUFFER).ok();
+    // (Linux reports twice the size granted: the other half is its bookkeeping.)
+    if socket.recv_buffer_size().is_ok_and(|n| n / 2 < SOCKET_BUFFER) {
+        set_int(&socket, SO_RCVBUFFORCE, SOCKET_BUFFER);
+    }
+    if socket.send_buffer_size().is_ok_and(|n| n / 2 < SOCKET_BUFFER) {
+        set_int(&socket, SO_SNDBUFFORCE, SOCKET_BUFFER);
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// Sets a SOL_SOCKET integer option, ignoring refusal (EPERM without the capability).
+fn set_int(socket: &Socket, option: libc::c_int, value: usize) {
+    let value = value as libc::c_int;
+    // SAFETY: setsockopt reads one c_int from a live stack value.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// What is wrong with a bound socket's buffers, if they are smaller than Spooky asked for:
+/// one line naming the sysctl to raise (`None` when they are large enough).
+pub fn buffer_shortfall(socket: &UdpSocket) -> Option<String> {
+    let socket = socket2::SockRef::from(socket);
+    let got = |n: std::io::Result<usize>| n.map(|n| n / 2).unwrap_or(0);
+    let (recv, send) = (got(socket.recv_buffer_size()), got(socket.send_buffer_size()));
+    let short: Vec<String> = [("receive", "rmem_max", recv), ("send", "wmem_max", send)]
+        .into_iter()
+        .filter(|&(_, _, n)| n < SOCKET_BUFFER)
+        .map(|(dir, sysctl, n)| format!("{dir} buffer {} KiB (net.core.{sysctl})", n >> 10))
+        .collect();
+    (!short.is_empty()).then(|| {
+        format!(
+            "UDP socket buffers are smaller than the {} MiB Spooky asks for: {}; bursts will be dropped \
+             while a worker is busy. Raise the limits: sysctl -w net.core.rmem_max={SOCKET_BUFFER} \
+             net.core.wmem_max={SOCKET_BUFFER} (or run with CAP_NET_ADMIN)",
+            SOCKET_BUFFER >> 20,
+            short.join(", ")
+        )
+    })
 }
 
 /// Which offloads a socket should try.
@@ -266,6 +318,24 @@ fn send_msg(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket with the buffers Spooky wants passes; one the kernel capped (a plain socket at
+    /// the default limits) is reported with the sysctls to raise.
+    #[test]
+    fn small_socket_buffers_are_reported_with_the_sysctl_to_raise() {
+        let capped = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
+        capped.set_recv_buffer_size(64 << 10).unwrap();
+        capped.set_send_buffer_size(64 << 10).unwrap();
+        let why = buffer_shortfall(&capped.into()).expect("64 KiB buffers are short");
+        assert!(why.contains("net.core.rmem_max=8388608") && why.contains("net.core.wmem_max=8388608"), "{why}");
+        assert!(why.contains("receive buffer 64 KiB") && why.contains("send buffer 64 KiB"), "{why}");
+        let bound = bind_reuseport("127.0.0.1:0".parse().unwrap()).unwrap();
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
+        // Root (CAP_NET_ADMIN, as here and in CI) forces the size past the limit.
+        if unsafe { libc::geteuid() } == 0 || rmem_max >= SOCKET_BUFFER {
+            assert_eq!(buffer_shortfall(&bound), None);
+        }
+    }
 
     /// The kernel accepts a GSO run with a release time, and the receiver gets every datagram
     /// (loopback has no pacing qdisc, so the time is simply not enforced).
