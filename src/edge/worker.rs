@@ -21,6 +21,7 @@
 use super::admission::{Admission, Refusal, Verdict};
 use super::cid::{self, CidGenerator, CID_LEN};
 use super::connection::Connection;
+use super::handshake;
 use super::keys::{self, EdgeKeys};
 use super::settings;
 use super::socket::{EdgeSocket, GSO_MAX_SEGMENTS, PACING_SLACK};
@@ -654,7 +655,9 @@ impl Worker {
         }
     }
 
-    /// Forgets a connection that never got a readable packet (it was never counted).
+    /// Forgets a connection that never got a readable packet (it was never counted). Not a
+    /// handshake failure: no handshake started (noise, a damaged or spoofed Initial); the
+    /// datagram is counted in `dropped{reason="rejected"}`.
     fn discard(&mut self, handle: u64) {
         if let Some(conn) = self.conns.remove(&handle) {
             for cid in &conn.cids {
@@ -669,6 +672,9 @@ impl Worker {
                 self.by_cid.remove(cid);
             }
             conn.record_path_stats(&self.ctx);
+            if !conn.quic.is_established() {
+                handshake::record_failure(&self.ctx.metrics, &conn);
+            }
             conn.cancel_all(&self.ctx);
             self.ctx.metrics.connections_active.decrement(1.0);
         }
