@@ -195,7 +195,7 @@ pub fn record_failure(metrics: &WorkerMetrics, conn: &Connection) {
         Verdict::Suppress { first: false } => {}
         Verdict::Log { suppressed } => {
             if suppressed > 0 {
-                tracing::info!(suppressed, "suppressed {suppressed} handshake-failure lines");
+                tracing::info!("suppressed {suppressed} handshake-failure lines");
             }
             let error = local.or(peer);
             tracing::info!(

@@ -317,8 +317,12 @@ impl Worker {
         let received = conn.quic.recv(pkt, quiche::RecvInfo { from, to: local });
         if fresh {
             // An "Initial" that does not decrypt (noise with a plausible header) must not leave a
-            // connection behind: only one quiche could read opens a connection.
-            if received.is_err() || conn.quic.stats().recv == 0 {
+            // connection behind: only one quiche could read opens a connection. One whose
+            // ClientHello Spooky's TLS refused (no ALPN it speaks) stays until quiche has sent
+            // the alert in a CONNECTION_CLOSE, so the client learns why and the refusal is
+            // counted as a handshake failure, instead of each retransmission starting over.
+            let refused = conn.quic.local_error().is_some() && !conn.quic.is_closed();
+            if (received.is_err() || conn.quic.stats().recv == 0) && !refused {
                 self.discard(handle);
                 return self.ctx.metrics.dropped(DropReason::Rejected);
             }

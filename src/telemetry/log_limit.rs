@@ -3,8 +3,9 @@
 //! [`LogLimit`] is a token bucket: `burst` lines at once, then `per_second` on average. The
 //! caller asks before each line; a line refused is counted, and the count is handed back with
 //! the next line allowed, for one summary line ("suppressed K lines") before it. The first
-//! refused line of a run is marked too, so the caller can say once that lines are being
-//! suppressed. Counting never stops: metrics stay exact whatever the log shows.
+//! refused line of a flood is marked too, so the caller can say once that lines are being
+//! suppressed (not again while the flood goes on: its summaries say so). Counting never
+//! stops: metrics stay exact whatever the log shows.
 
 use std::time::Instant;
 
@@ -13,7 +14,8 @@ use std::time::Instant;
 pub enum Verdict {
     /// Log it; `suppressed` lines were refused since the last line logged (0: none).
     Log { suppressed: u64 },
-    /// Do not log it; `first` if it is the first one refused since the last line logged.
+    /// Do not log it; `first` if it is the first one refused since a line was logged with
+    /// nothing suppressed before it (the start of a flood).
     Suppress { first: bool },
 }
 
@@ -24,13 +26,15 @@ pub struct LogLimit {
     tokens: f64,
     last: Instant,
     suppressed: u64,
+    /// Lines were refused, and no line since was logged without a summary before it.
+    flooding: bool,
 }
 
 impl LogLimit {
     /// A full bucket of `burst` lines (at least 1), refilled at `per_second`.
     pub fn new(burst: u32, per_second: f64, now: Instant) -> Self {
         let burst = f64::from(burst.max(1));
-        LogLimit { burst, per_second: per_second.max(0.0), tokens: burst, last: now, suppressed: 0 }
+        LogLimit { burst, per_second: per_second.max(0.0), tokens: burst, last: now, suppressed: 0, flooding: false }
     }
 
     /// Whether a line wanted at `now` may be logged. A clock that went back adds nothing.
@@ -40,10 +44,14 @@ impl LogLimit {
         self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            Verdict::Log { suppressed: std::mem::take(&mut self.suppressed) }
+            let suppressed = std::mem::take(&mut self.suppressed);
+            self.flooding &= suppressed > 0;
+            Verdict::Log { suppressed }
         } else {
             self.suppressed += 1;
-            Verdict::Suppress { first: self.suppressed == 1 }
+            let first = !self.flooding;
+            self.flooding = true;
+            Verdict::Suppress { first }
         }
     }
 }
@@ -67,13 +75,16 @@ mod tests {
         // Half a second at 2/s buys exactly one line, which reports the ten refused.
         let t1 = t0 + Duration::from_millis(500);
         assert_eq!(l.check(t1), Verdict::Log { suppressed: 10 });
-        assert_eq!(l.check(t1), Verdict::Suppress { first: true });
+        // Still the same flood: no second notice.
+        assert_eq!(l.check(t1), Verdict::Suppress { first: false });
         // A long pause refills to the burst, no further.
         let t2 = t1 + Duration::from_secs(3600);
         assert_eq!(l.check(t2), Verdict::Log { suppressed: 1 });
         assert_eq!(l.check(t2), Verdict::Log { suppressed: 0 });
         assert_eq!(l.check(t2), Verdict::Log { suppressed: 0 });
+        // A new flood gets its notice.
         assert_eq!(l.check(t2), Verdict::Suppress { first: true });
+        assert_eq!(l.check(t2), Verdict::Suppress { first: false });
     }
 
     #[test]
