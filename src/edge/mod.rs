@@ -11,11 +11,13 @@
 //! - [`tls`]: certificate material (loaded by the control thread, shared by workers).
 //! - [`settings`]: the `quiche` transport and HTTP/3 configuration built from a snapshot.
 //! - [`connection`]: one QUIC connection: its HTTP/3 streams and their bridge to upstream tasks.
+//! - [`handshake`]: connections that end before their handshake completes: cause, metric, log.
 //! - [`worker`]: the loop itself — receive → timers → upstream news → send → wait.
 
 pub mod admission;
 pub mod cid;
 pub mod connection;
+pub mod handshake;
 pub mod keys;
 pub mod pacing;
 pub mod refuse;

@@ -21,6 +21,7 @@
 use super::admission::{Admission, Refusal, Verdict};
 use super::cid::{self, CidGenerator, CID_LEN};
 use super::connection::Connection;
+use super::handshake;
 use super::keys::{self, EdgeKeys};
 use super::pacing::{Held, PaceMode, Rate, HORIZON};
 use super::settings;
@@ -328,8 +329,12 @@ impl Worker {
         let received = conn.quic.recv(pkt, quiche::RecvInfo { from, to: local });
         if fresh {
             // An "Initial" that does not decrypt (noise with a plausible header) must not leave a
-            // connection behind: only one quiche could read opens a connection.
-            if received.is_err() || conn.quic.stats().recv == 0 {
+            // connection behind: only one quiche could read opens a connection. One whose
+            // ClientHello Spooky's TLS refused (no ALPN it speaks) stays until quiche has sent
+            // the alert in a CONNECTION_CLOSE, so the client learns why and the refusal is
+            // counted as a handshake failure, instead of each retransmission starting over.
+            let refused = conn.quic.local_error().is_some() && !conn.quic.is_closed();
+            if (received.is_err() || conn.quic.stats().recv == 0) && !refused {
                 self.discard(handle);
                 return self.ctx.metrics.dropped(DropReason::Rejected);
             }
@@ -625,7 +630,9 @@ impl Worker {
         }
     }
 
-    /// Forgets a connection that never got a readable packet (it was never counted).
+    /// Forgets a connection that never got a readable packet (it was never counted). Not a
+    /// handshake failure: no handshake started (noise, a damaged or spoofed Initial); the
+    /// datagram is counted in `dropped{reason="rejected"}`.
     fn discard(&mut self, handle: u64) {
         if let Some(conn) = self.conns.remove(&handle) {
             self.forget_timer(&conn);
@@ -642,6 +649,9 @@ impl Worker {
                 self.by_cid.remove(cid);
             }
             conn.record_path_stats(&self.ctx);
+            if !conn.quic.is_established() {
+                handshake::record_failure(&self.ctx.metrics, &conn);
+            }
             conn.cancel_all(&self.ctx);
             self.ctx.metrics.connections_active.decrement(1.0);
         }

@@ -14,6 +14,7 @@
 //! | `spooky_packets_forwarded_total` | counter | worker — strays handed to the owning worker |
 //! | `spooky_stateless_resets_sent_total`, `spooky_retries_sent_total`, `spooky_version_negotiations_total` | counter | worker |
 //! | `spooky_connections_refused_total` | counter | worker, reason (`connection_limit`, `rate_limit`) |
+//! | `spooky_handshake_failures_total` | counter | cause — connections that ended before the handshake completed: the peer's TLS alert (`bad_certificate`, `unknown_ca`, …) or transport error, Spooky's own (`local_…`, e.g. `local_no_application_protocol`), `idle_timeout`, `other`; the list is in `edge::handshake` |
 //! | `spooky_connection_migrations_total`, `spooky_early_data_requests_total` | counter | worker |
 //! | `spooky_slow_request_bodies_total` | counter | worker — bodies cut below `timeouts.body_min_rate` |
 //! | `spooky_malformed_requests_total` | counter | worker |
@@ -30,6 +31,7 @@
 //! | `spooky_worker_panics_total` | counter | worker — panics; the worker was restarted (`control::supervise`) |
 //! | `spooky_access_log_dropped_total` | counter | |
 
+use crate::edge::handshake::Cause;
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -110,6 +112,8 @@ pub struct WorkerMetrics {
     pub slow_request_bodies: Counter,
     refused: [Counter; 2],
     dropped: [Counter; 7],
+    /// By [`Cause::index`]; no worker label (rare, and ~100 causes).
+    handshake_failures: Vec<Counter>,
 }
 
 impl WorkerMetrics {
@@ -140,6 +144,9 @@ impl WorkerMetrics {
                 .map(|r| metrics::counter!("spooky_connections_refused_total", "worker" => w.clone(), "reason" => r)),
             dropped: DROP_REASONS
                 .map(|r| metrics::counter!("spooky_packets_dropped_total", "worker" => w.clone(), "reason" => r)),
+            handshake_failures: Cause::all()
+                .map(|c| metrics::counter!("spooky_handshake_failures_total", "cause" => c.label()))
+                .collect(),
             worker: w,
         }
     }
@@ -150,6 +157,10 @@ impl WorkerMetrics {
 
     pub fn refused(&self, reason: crate::edge::admission::Refusal) {
         self.refused[reason as usize].increment(1);
+    }
+
+    pub fn handshake_failed(&self, cause: Cause) {
+        self.handshake_failures[cause.index()].increment(1);
     }
 
     /// Handles for the requests of one route (or of none, for `route: None`).

@@ -1,5 +1,5 @@
-//! Telemetry: logs ([`init_logging`]), Prometheus metrics ([`metrics`]) and the access log
-//! ([`access_log`]).
+//! Telemetry: logs ([`init_logging`]; [`log_limit`] rate-limits lines clients can cause),
+//! Prometheus metrics ([`metrics`]) and the access log ([`access_log`]).
 //!
 //! Hot-path recording is per worker: every series a worker updates per packet or per request
 //! carries a `worker` label and is registered once into a [`metrics::WorkerMetrics`] handle, so
@@ -7,6 +7,7 @@
 //! lock. Rare events (failures, reloads) use the `metrics` macros directly.
 
 pub mod access_log;
+pub mod log_limit;
 pub mod metrics;
 
 use std::io::IsTerminal;

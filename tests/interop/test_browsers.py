@@ -35,7 +35,12 @@ PROTOCOL_VIOLATION. With `quic.active_migration: false` Chromium does not migrat
 tests run Spooky that way, because the loss bursts of an ordinary run (the browser's socket
 buffer overflowing, see the drop counts below) trigger that migration in about one run in eight.
 
-Functional assertions, and no datagram dropped at any receive buffer. The timings of the 10 MiB download and the 8 MiB echo, Spooky's
+Without the SPKI flag Chromium does not trust the certificate: its navigation fails and Spooky
+counts the handshake failure by the alert Chromium sends (certificate_unknown, 46) in
+`spooky_handshake_failures_total` (`test_chromium_rejecting_the_certificate_...`).
+
+Functional assertions, and no datagram dropped at any receive buffer. The timings of the 10 MiB
+download and the 8 MiB echo, Spooky's
 `spooky_quic_packets_lost_total` and the namespace's UDP `RcvbufErrors` (/proc/net/snmp, and
 Udp6RcvbufErrors from snmp6) before and after each browser, and the per-socket drops at Spooky's
 and at the browser's sockets, are printed on `SUMMARY browsers:` lines.
@@ -52,10 +57,12 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -777,3 +784,48 @@ def test_firefox_h3(edge, tmp_path):
         return Browser("firefox", argv, tmp_path / "firefox.log", r"WebDriver BiDi listening on (ws://\S+)")
 
     check_workload(run_workload(edge, "firefox", start, Bidi))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup installs it)")
+def test_chromium_rejecting_the_certificate_shows_in_the_handshake_failure_metric(edge, tmp_path):
+    """Chromium without `--ignore-certificate-errors-spki-list` does not trust the test's
+    certificate: the navigation fails, and Spooky counts the handshake failures by the alert
+    Chromium sends (`spooky_handshake_failures_total{cause=...}`) and logs them."""
+
+    def failures() -> dict[str, float]:
+        with edge.ns.entered():
+            text = urllib.request.urlopen(f"http://127.0.0.1:{edge.admin_port}/metrics", timeout=5).read().decode()
+        out = {}
+        for m in re.finditer(r'^spooky_handshake_failures_total\{cause="([a-z_]+)"\} (\S+)$', text, re.M):
+            out[m.group(1)] = float(m.group(2))
+        return out
+
+    before = failures()
+    argv = [a for a in chromium_argv(tmp_path, edge, "127.0.0.1", netlog=False) if not a.startswith("--ignore-certificate-errors")]
+    with edge.ns.entered():
+        browser = Browser("chromium", argv, tmp_path / "chromium.log", r"DevTools listening on (ws://\S+)")
+    try:
+        with watched(browser.proc), edge.ns.entered():
+            s = Cdp(browser.endpoint)
+            try:
+                nav = s.call("Page.navigate", {"url": f"{edge.origin}/hello"}, sessionId=s.session)
+                deadline = time.monotonic() + STEP_S
+                grown: dict[str, float] = {}
+                while not grown and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    grown = {c: v - before.get(c, 0) for c, v in failures().items() if v > before.get(c, 0)}
+                s.quit()
+            finally:
+                s.close()
+        browser.wait_exit(CLOSE_S)
+    finally:
+        browser.kill()
+    print(f"\nchromium without the certificate's SPKI: navigation {nav}; handshake failures {grown}")
+    assert nav.get("errorText"), f"the navigation succeeded without trusting the certificate: {nav}"
+    assert grown, "no handshake failure counted"
+    assert set(grown) <= CERTIFICATE_ALERTS, grown
+    assert "handshake failed" in edge.spooky.output()
+
+
+# TLS alerts a client sends when it does not trust a certificate.
+CERTIFICATE_ALERTS = {"bad_certificate", "unknown_ca", "certificate_unknown", "unsupported_certificate"}
