@@ -411,6 +411,17 @@ fn validate_quic(q: &mut Quic, base: &Path) -> Result<(), Invalid> {
     ranges::duration("quic.retry_token_lifetime", q.retry_token_lifetime.0, SECOND, 10 * MINUTE)?;
     ranges::count("quic.max_connections_per_worker", q.max_connections_per_worker as u64, 1, 10_000_000)?;
     ranges::count_or_off("quic.max_new_connections_per_sec", q.max_new_connections_per_sec.into(), 1, 10_000_000)?;
+    // At least one read from QUIC (64 KiB), so a stream alone can always make progress.
+    ranges::size("quic.body_buffer_per_connection", q.body_buffer_per_connection.0, 64 * KIB, GIB)?;
+    ranges::because(
+        ranges::size(
+            "quic.body_buffer_per_worker",
+            q.body_buffer_per_worker.0,
+            q.body_buffer_per_connection.0,
+            64 * GIB,
+        ),
+        "at least quic.body_buffer_per_connection",
+    )?;
     if let Some(file) = q.secret_key_file.as_mut() {
         let path = base.join(&*file);
         let bytes = std::fs::read(&path)

@@ -9,6 +9,7 @@
 //! access-log line exactly once.
 
 use super::worker::WorkerCtx;
+use crate::bridge::budget::ConnectionBudget;
 use crate::bridge::exchange::{Exchange, Failure, SharedExchange, StreamKey};
 use crate::bridge::{h3_error, request, response};
 use crate::control::fault;
@@ -49,6 +50,8 @@ pub struct Connection {
     via_name: Rc<str>,
     /// Request body is read here and split off, so a small read does not pin a large buffer.
     read_buf: BytesMut,
+    /// This connection's share of the worker's request-body budget.
+    body_budget: Rc<ConnectionBudget>,
     /// Highest request stream id seen, for GOAWAY.
     max_stream_seen: Option<u64>,
     /// Set once GOAWAY was sent: streams at or above this id are refused.
@@ -139,7 +142,14 @@ enum End {
 }
 
 impl Connection {
-    pub fn new(handle: u64, quic: quiche::Connection, peer: SocketAddr, socket: usize, via_name: Rc<str>) -> Self {
+    pub fn new(
+        handle: u64,
+        quic: quiche::Connection,
+        peer: SocketAddr,
+        socket: usize,
+        via_name: Rc<str>,
+        body_budget: Rc<ConnectionBudget>,
+    ) -> Self {
         Connection {
             handle,
             quic,
@@ -153,6 +163,7 @@ impl Connection {
             dirty: false,
             via_name,
             read_buf: BytesMut::new(),
+            body_budget,
             max_stream_seen: None,
             goaway_id: None,
             finished: Vec::new(),
@@ -201,6 +212,19 @@ impl Connection {
             // reports only through `poll`.
             self.poll_h3(ctx);
         }
+    }
+
+    /// Drives the streams that stopped reading on a full request-body budget, oldest first,
+    /// while there is room; the others keep their place (see [`crate::bridge::budget`]).
+    pub fn resume_bodies(&mut self, ctx: &WorkerCtx) {
+        let mut stalled = self.body_budget.take_stalled();
+        while self.body_budget.room() > 0 {
+            let Some(sid) = stalled.pop_front() else { break };
+            self.drive(ctx, sid);
+        }
+        self.body_budget.restall(stalled);
+        // As after exchange news: reading may have surfaced the end of a body.
+        self.poll_h3(ctx);
     }
 
     /// Starts a graceful close: HTTP/3 GOAWAY, so the client sends no new requests here.
@@ -357,7 +381,7 @@ impl Connection {
             })
         });
         let key = StreamKey { conn: self.handle, stream: sid };
-        let exchange = Exchange::new(key, ctx.notifier.clone());
+        let exchange = Exchange::new(key, ctx.notifier.clone(), Some(self.body_budget.clone()));
         let content_length = head.content_length;
         let mut route = ctx.unrouted_metrics.clone();
         // A request in 0-RTT data can be replayed by an attacker (RFC 8470): only safe

@@ -432,7 +432,7 @@ impl Running {
         let std_socket = bind_reuseport("127.0.0.1:0".parse().expect("address"))?;
         let addr = std_socket.local_addr()?;
         let socket = EdgeSocket::new(std_socket, offloads)?;
-        let (postbox, strays) = mailbox::mailbox(Some(steering::STRAY_QUEUE))?;
+        let (postbox, strays) = steering::stray_mailbox()?;
         let (link, inbox) = mailbox::mailbox(None)?;
         let (events, acks) = crossbeam_channel::unbounded();
         let control = ControlLink { inbox: inbox.attach()?, acks: events };
