@@ -22,6 +22,15 @@ use std::time::Instant;
 /// Most request-body bytes queued between the edge and the upstream per stream.
 pub const REQUEST_BUFFER: usize = 256 * 1024;
 
+/// What a queued chunk costs beyond its bytes (its `Bytes`, queue slot and allocation header),
+/// charged to the budgets with it: a client sending tiny DATA frames makes many tiny chunks,
+/// and the budgets must bound the memory they take, not just their payload.
+const CHUNK_OVERHEAD: usize = 64;
+
+fn cost(chunk: &Bytes) -> usize {
+    chunk.len() + CHUNK_OVERHEAD
+}
+
 /// Identifies a request stream on a worker: the edge's connection handle and the stream id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StreamKey {
@@ -98,6 +107,7 @@ pub struct Exchange {
 
     // Client → upstream.
     req_chunks: VecDeque<Bytes>,
+    /// What the queued chunks cost: their bytes and [`CHUNK_OVERHEAD`] each.
     req_buffered: usize,
     req_end: Option<Option<HeaderMap>>,
     req_end_taken: bool,
@@ -185,11 +195,12 @@ impl Exchange {
     /// now. It is told to go on by news for the stream (the queue drained) or, when a budget
     /// was full, by the budget's resume pass.
     pub fn request_room(&mut self) -> usize {
-        let room = REQUEST_BUFFER.saturating_sub(self.req_buffered);
+        // Room for a chunk's bytes once its overhead is paid.
+        let room = REQUEST_BUFFER.saturating_sub(self.req_buffered + CHUNK_OVERHEAD);
         self.req_blocked = room == 0;
         match &self.budget {
             Some(budget) if room > 0 => {
-                let shared = budget.room();
+                let shared = budget.room().saturating_sub(CHUNK_OVERHEAD);
                 if shared == 0 {
                     budget.stall(self.key.stream);
                 }
@@ -200,8 +211,8 @@ impl Exchange {
     }
 
     pub fn push_request_chunk(&mut self, chunk: Bytes) {
-        self.req_buffered += chunk.len();
-        self.charge(chunk.len());
+        self.req_buffered += cost(&chunk);
+        self.charge(cost(&chunk));
         self.req_chunks.push_back(chunk);
         self.wake_pump();
     }
@@ -294,9 +305,9 @@ impl Exchange {
         let sent = std::mem::take(&mut self.req_in_hand);
         self.release(sent);
         if let Some(chunk) = self.req_chunks.pop_front() {
-            self.req_buffered -= chunk.len();
+            self.req_buffered -= cost(&chunk);
             if self.budget.is_some() {
-                self.req_in_hand = chunk.len();
+                self.req_in_hand = cost(&chunk);
             }
             if self.req_blocked {
                 // The edge stopped reading at the limit: there is room again.

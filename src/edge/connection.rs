@@ -48,7 +48,7 @@ pub struct Connection {
     pub dirty: bool,
     /// The name Spooky puts in `via`.
     via_name: Rc<str>,
-    /// Request body is read here and split off, so a small read does not pin a large buffer.
+    /// Request body is read here, then handed on as a chunk of its own (see [`take_chunk`]).
     read_buf: BytesMut,
     /// This connection's share of the worker's request-body budget.
     body_budget: Rc<ConnectionBudget>,
@@ -624,7 +624,7 @@ fn read_request_body(
                 if st.content_length.is_some_and(|cl| st.body_received > cl) {
                     return Err(request::Malformed("body longer than content-length"));
                 }
-                ex.push_request_chunk(buf.split().freeze());
+                ex.push_request_chunk(take_chunk(buf));
             }
             Err(h3::Error::Done) => {
                 st.readable = false;
@@ -637,6 +637,19 @@ fn read_request_body(
             }
         }
     }
+}
+
+/// The bytes just read, as a chunk that pins no more than twice its size: a read that fills at
+/// least half the buffer takes the buffer along, a smaller one is copied out and the buffer
+/// reused. (Splitting every read off one buffer would let each small chunk keep a whole 64 KiB
+/// allocation alive, so memory held would no longer follow the bytes the budgets count.)
+fn take_chunk(buf: &mut BytesMut) -> Bytes {
+    if 2 * buf.len() >= buf.capacity() {
+        return std::mem::take(buf).freeze();
+    }
+    let chunk = Bytes::copy_from_slice(buf);
+    buf.clear();
+    chunk
 }
 
 /// Writes whatever response parts the exchange holds. `Err(Some(code))` resets the stream
