@@ -104,3 +104,67 @@ fn request_bodies_past_their_budgets_wait_in_quic_and_resume_when_room_returns()
         ),
     );
 }
+
+#[test]
+fn a_stray_packet_flood_is_bounded_in_bytes_while_the_owner_is_busy() {
+    use spooky::edge::cid::CidGenerator;
+    const PACKET: usize = 32_000;
+    const PACKETS: usize = 12_000;
+    let b = Backend::start("strays");
+    // No BPF steering: packets land on either worker by the kernel's hash, and a packet whose
+    // CID names the other worker is handed over through that worker's mailbox.
+    let spooky = Spooky::start_with_env(
+        &format!(
+            "listen: 127.0.0.1:0\nworkers: 2\ntls: {{ self_signed: [localhost] }}\nquic: {{ reuseport_bpf: false }}\n\
+             upstreams:\n  main:\n    backends:\n      - address: {}\nroutes:\n  - upstream: main\n",
+            b.addr
+        ),
+        &[("SPOOKY_FAULT_INJECTION", "1")],
+    );
+    assert_eq!(spooky.client().request(Request::get("/")).unwrap().status, 200);
+    let (rss_before, _) = spooky.rss();
+    // One worker stops handling anything for 8 s; the other keeps forwarding it strays.
+    let addr = spooky.addr;
+    let stall = std::thread::spawn(move || {
+        let mut c = Client::connect(addr, Options::default()).unwrap();
+        c.request(Request::get("/.spooky-fault/stall?ms=8000")).unwrap().status
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Short-header packets for connections of either worker, from many source ports.
+    let socks: Vec<_> = (0..8).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+    let packets: Vec<Vec<u8>> = (0..2u8)
+        .map(|w| {
+            let mut p = vec![0x40];
+            p.extend_from_slice(&CidGenerator::new(0, 0, w).generate());
+            p.resize(PACKET, 0xaa);
+            p
+        })
+        .collect();
+    for i in 0..PACKETS {
+        let _ = socks[i % socks.len()].send_to(&packets[i % 2], spooky.addr);
+        if i % 100 == 99 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let (rss_flooded, _) = spooky.rss();
+    let m = spooky.metrics();
+    let full = metric_sum(&m, "spooky_packets_dropped_total", &[("reason", "stray_queue_full")]);
+    let forwarded = metric_sum(&m, "spooky_packets_forwarded_total", &[]);
+    assert_eq!(stall.join().unwrap(), 200, "the stalled worker's own client is served afterwards");
+    assert!(full > 0.0, "strays past the byte bound were dropped ({forwarded} forwarded)");
+    // 4,096 queued strays of 32 KB would be 128 MiB; the byte bound keeps 4 MiB.
+    let growth = rss_flooded.saturating_sub(rss_before);
+    assert!(growth < 24 * MIB, "RSS grew {} MiB with the owner's mailbox full", growth / MIB);
+    let mut legit = spooky.client();
+    for _ in 0..20 {
+        let r = legit.request(Request::get("/bytes/100000")).unwrap();
+        assert_eq!((r.status, r.body_len), (200, 100_000));
+    }
+    summary(
+        "stray_mailbox",
+        &format!(
+            "sent={PACKETS}x{PACKET}B forwarded={forwarded} dropped_stray_queue_full={full} rss_growth={:.1}MiB legit=20/20",
+            growth as f64 / MIB as f64
+        ),
+    );
+}
