@@ -807,4 +807,9 @@ impl Worker {
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }
+
+    /// Request-body bytes charged to the worker's budget.
+    pub fn body_bytes_held(&self) -> usize {
+        self.ctx.body_budget.held()
+    }
 }
