@@ -557,4 +557,19 @@ routes:
         assert_eq!(e.key, "listen");
         assert!(e.to_string().starts_with("t.yaml:"), "{e}");
     }
+
+    #[test]
+    fn body_budgets_hold_at_least_one_read_and_the_worker_at_least_a_connection() {
+        let quic = |q: &str| GOOD.replace("tls:", &format!("quic: {{ {q} }}\ntls:"));
+        let c = parse(GOOD, "t.yaml", Path::new(".")).unwrap();
+        assert_eq!((c.quic.body_buffer_per_connection.0, c.quic.body_buffer_per_worker.0), (4 << 20, 128 << 20));
+        let e = err(&quic("body_buffer_per_connection: 4KiB"));
+        assert_eq!(e.key, "quic.body_buffer_per_connection");
+        assert!(e.problem.contains("must be between 64KiB and 1GiB"), "{}", e.problem);
+        let e = err(&quic("body_buffer_per_connection: 8MiB, body_buffer_per_worker: 4MiB"));
+        assert_eq!(e.key, "quic.body_buffer_per_worker");
+        assert!(e.problem.contains("at least quic.body_buffer_per_connection"), "{}", e.problem);
+        parse(&quic("body_buffer_per_connection: 64KiB, body_buffer_per_worker: 64KiB"), "t.yaml", Path::new("."))
+            .unwrap();
+    }
 }
