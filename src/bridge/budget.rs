@@ -14,13 +14,16 @@
 //! there is room. Streams that still find none go to the back of the lists.
 //!
 //! Why this cannot deadlock: a charged byte never waits for budget. It is released when its
-//! pump hands it upstream or its stream ends, and the pump waits only for its backend (HTTP/2
-//! window, stream slot), each wait bounded by a timer that does not depend on any other
-//! stream's body (`per_try_timeout` for a backend that takes no body, the connect and request
-//! timeouts, `client_read`, the QUIC idle timeout). So every stall ends at the latest when the
-//! slowest holder's timer does, even if a backend waits for one request's body before it reads
-//! another's; and since every release wakes the stalled streams, no stall outlives the room
-//! it waits for.
+//! pump hands it upstream or its stream ends, and the pump waits only for its backend: for
+//! HTTP/2 window or a stream slot, which other uploads to that backend hold. A wait can form a
+//! cycle through the budget (a backend that reads one request's body only after another's, or
+//! a slot held by an upload whose next bytes wait for budget), but every such cycle contains an
+//! upload that sends nothing, and `per_try_timeout` ends an upload that sends nothing (504),
+//! whatever it waits for; the connect and request timeouts, `client_read` and the QUIC idle
+//! timeout bound the other waits. So a stall ends at the latest when such a timer fires, and
+//! with backends that read, at the next release: every release wakes the stalled streams, so
+//! no stall outlives the room it waits for. A stream alone always fits: the per-connection
+//! budget is at least one read (64 KiB).
 
 use super::exchange::Notifier;
 use metrics::{Counter, Gauge};
