@@ -515,7 +515,7 @@ impl EdgeHarness {
             let mut peers = Vec::new();
             let mut boxes = Vec::new();
             for _ in 0..HARNESS_WORKERS {
-                let (postbox, mailbox) = mailbox::mailbox(Some(steering::STRAY_QUEUE))?;
+                let (postbox, mailbox) = steering::stray_mailbox()?;
                 peers.push(postbox);
                 boxes.push(mailbox);
             }

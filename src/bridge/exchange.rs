@@ -4,11 +4,13 @@
 //!
 //! Backpressure, end to end:
 //! - request body: the edge reads from QUIC only while fewer than [`REQUEST_BUFFER`] bytes are
-//!   queued here; unread data stays in quiche, whose flow control stops the client.
+//!   queued here and its connection's and worker's budgets have room ([`super::budget`]);
+//!   unread data stays in quiche, whose flow control stops the client.
 //! - response body: the upstream task queues whatever HTTP/2 delivers, but the edge releases
 //!   HTTP/2 flow-control credit only for bytes QUIC accepted, so the backend can never be more
 //!   than one stream window ahead of the client.
 
+use super::budget::ConnectionBudget;
 use bytes::Bytes;
 use http::HeaderMap;
 use std::cell::{Cell, RefCell};
@@ -19,6 +21,15 @@ use std::time::Instant;
 
 /// Most request-body bytes queued between the edge and the upstream per stream.
 pub const REQUEST_BUFFER: usize = 256 * 1024;
+
+/// What a queued chunk costs beyond its bytes (its `Bytes`, queue slot and allocation header),
+/// charged to the budgets with it: a client sending tiny DATA frames makes many tiny chunks,
+/// and the budgets must bound the memory they take, not just their payload.
+const CHUNK_OVERHEAD: usize = 64;
+
+fn cost(chunk: &Bytes) -> usize {
+    chunk.len() + CHUNK_OVERHEAD
+}
 
 /// Identifies a request stream on a worker: the edge's connection handle and the stream id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,12 +42,24 @@ pub struct StreamKey {
 #[derive(Default)]
 pub struct Notifier {
     ready: RefCell<Vec<StreamKey>>,
+    /// Set by [`Notifier::wake`]: news for the loop itself (request-body budget released).
+    woken: Cell<bool>,
     waker: RefCell<Option<Waker>>,
 }
 
 impl Notifier {
     fn notify(&self, key: StreamKey) {
         self.ready.borrow_mut().push(key);
+        self.wake_loop();
+    }
+
+    /// Wakes the loop without news for a stream of its own.
+    pub fn wake(&self) {
+        self.woken.set(true);
+        self.wake_loop();
+    }
+
+    fn wake_loop(&self) {
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
@@ -44,12 +67,13 @@ impl Notifier {
 
     /// Takes the streams with news (may hold duplicates; handling one twice is harmless).
     pub fn drain(&self, into: &mut Vec<StreamKey>) {
+        self.woken.set(false);
         into.append(&mut self.ready.borrow_mut());
     }
 
-    /// Resolves once some stream has news.
+    /// Resolves once some stream has news, or the loop was woken.
     pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.ready.borrow().is_empty() {
+        if self.ready.borrow().is_empty() && !self.woken.get() {
             *self.waker.borrow_mut() = Some(cx.waker().clone());
             Poll::Pending
         } else {
@@ -83,12 +107,18 @@ pub struct Exchange {
 
     // Client → upstream.
     req_chunks: VecDeque<Bytes>,
+    /// What the queued chunks cost: their bytes and [`CHUNK_OVERHEAD`] each.
     req_buffered: usize,
     req_end: Option<Option<HeaderMap>>,
     req_end_taken: bool,
     req_waker: Option<Waker>,
     /// The edge stopped reading because the queue was full.
     req_blocked: bool,
+    /// The connection's share of the request-body budget, charged for `req_held` bytes: those
+    /// queued plus the chunk the pump has in hand (`req_in_hand`) until it asks for the next.
+    budget: Option<Rc<ConnectionBudget>>,
+    req_held: usize,
+    req_in_hand: usize,
     /// The upstream no longer wants the request body (it answered or reset the stream).
     pub req_abandoned: bool,
 
@@ -128,7 +158,8 @@ pub enum Waiter {
 pub type SharedExchange = Rc<RefCell<Exchange>>;
 
 impl Exchange {
-    pub fn new(key: StreamKey, notifier: Rc<Notifier>) -> SharedExchange {
+    /// A new exchange; with `budget`, its request-body bytes count against that budget.
+    pub fn new(key: StreamKey, notifier: Rc<Notifier>, budget: Option<Rc<ConnectionBudget>>) -> SharedExchange {
         Rc::new(RefCell::new(Exchange {
             key,
             notifier,
@@ -139,6 +170,9 @@ impl Exchange {
             req_end_taken: false,
             req_waker: None,
             req_blocked: false,
+            budget,
+            req_held: 0,
+            req_in_hand: 0,
             req_abandoned: false,
             resp_head: None,
             resp_chunks: VecDeque::new(),
@@ -157,17 +191,52 @@ impl Exchange {
 
     // ----- edge side -----
 
-    /// Room left in the request queue; 0 means the edge must stop reading for now.
+    /// Room left in the request queue and the budgets; 0 means the edge must stop reading for
+    /// now. It is told to go on by news for the stream (the queue drained) or, when a budget
+    /// was full, by the budget's resume pass.
     pub fn request_room(&mut self) -> usize {
-        let room = REQUEST_BUFFER.saturating_sub(self.req_buffered);
+        // Room for a chunk's bytes once its overhead is paid.
+        let room = REQUEST_BUFFER.saturating_sub(self.req_buffered + CHUNK_OVERHEAD);
         self.req_blocked = room == 0;
-        room
+        match &self.budget {
+            Some(budget) if room > 0 => {
+                let shared = budget.room().saturating_sub(CHUNK_OVERHEAD);
+                if shared == 0 {
+                    budget.stall(self.key.stream);
+                }
+                room.min(shared)
+            }
+            _ => room,
+        }
     }
 
     pub fn push_request_chunk(&mut self, chunk: Bytes) {
-        self.req_buffered += chunk.len();
+        self.req_buffered += cost(&chunk);
+        self.charge(cost(&chunk));
         self.req_chunks.push_back(chunk);
         self.wake_pump();
+    }
+
+    fn charge(&mut self, n: usize) {
+        if let Some(budget) = &self.budget {
+            budget.charge(n);
+            self.req_held += n;
+        }
+    }
+
+    fn release(&mut self, n: usize) {
+        if let Some(budget) = &self.budget {
+            budget.release(n);
+            self.req_held -= n;
+        }
+    }
+
+    /// Drops the queued body and gives back every byte charged for it: nobody will take it.
+    fn release_all(&mut self) {
+        self.req_chunks.clear();
+        self.req_buffered = 0;
+        self.req_in_hand = 0;
+        self.release(self.req_held);
     }
 
     pub fn finish_request(&mut self, trailers: Option<HeaderMap>) {
@@ -184,6 +253,7 @@ impl Exchange {
     /// The client went away or the edge gave up on the stream.
     pub fn cancel(&mut self) {
         self.cancelled = true;
+        self.release_all();
         self.wake_pump();
         for w in self.cancel_wakers.iter_mut().filter_map(Option::take) {
             w.wake();
@@ -231,8 +301,14 @@ impl Exchange {
         if self.cancelled {
             return Poll::Ready(RequestItem::Cancelled);
         }
+        // The pump asks again only once the chunk it took went out whole.
+        let sent = std::mem::take(&mut self.req_in_hand);
+        self.release(sent);
         if let Some(chunk) = self.req_chunks.pop_front() {
-            self.req_buffered -= chunk.len();
+            self.req_buffered -= cost(&chunk);
+            if self.budget.is_some() {
+                self.req_in_hand = cost(&chunk);
+            }
             if self.req_blocked {
                 // The edge stopped reading at the limit: there is room again.
                 self.req_blocked = false;
@@ -252,6 +328,7 @@ impl Exchange {
     /// the edge stops reading it.
     pub fn abandon_request(&mut self) {
         self.req_abandoned = true;
+        self.release_all();
         self.notify_edge();
     }
 
@@ -315,6 +392,14 @@ pub struct ResponseCredit {
     flow: h2::FlowControl,
     held: usize,
     connection_held: Rc<Cell<usize>>,
+}
+
+impl Drop for Exchange {
+    /// Whatever is still charged goes back (an exchange can end without being cancelled, e.g.
+    /// in tests or when its connection's worker stops).
+    fn drop(&mut self) {
+        self.release_all();
+    }
 }
 
 impl ResponseCredit {

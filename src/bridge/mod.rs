@@ -6,7 +6,9 @@
 //! - [`exchange`]: the per-request state both halves share: body queues in each direction,
 //!   end-of-stream, trailers, failure and cancellation, plus the [`exchange::Notifier`] that
 //!   wakes the edge's event loop when the upstream side has news.
+//! - [`budget`]: the per-connection and per-worker budgets for request-body bytes held.
 
+pub mod budget;
 pub mod exchange;
 pub mod request;
 pub mod response;

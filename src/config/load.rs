@@ -411,6 +411,17 @@ fn validate_quic(q: &mut Quic, base: &Path) -> Result<(), Invalid> {
     ranges::duration("quic.retry_token_lifetime", q.retry_token_lifetime.0, SECOND, 10 * MINUTE)?;
     ranges::count("quic.max_connections_per_worker", q.max_connections_per_worker as u64, 1, 10_000_000)?;
     ranges::count_or_off("quic.max_new_connections_per_sec", q.max_new_connections_per_sec.into(), 1, 10_000_000)?;
+    // At least one read from QUIC (64 KiB), so a stream alone can always make progress.
+    ranges::size("quic.body_buffer_per_connection", q.body_buffer_per_connection.0, 64 * KIB, GIB)?;
+    ranges::because(
+        ranges::size(
+            "quic.body_buffer_per_worker",
+            q.body_buffer_per_worker.0,
+            q.body_buffer_per_connection.0,
+            64 * GIB,
+        ),
+        "at least quic.body_buffer_per_connection",
+    )?;
     if let Some(file) = q.secret_key_file.as_mut() {
         let path = base.join(&*file);
         let bytes = std::fs::read(&path)
@@ -545,5 +556,20 @@ routes:
         let e = err(&GOOD.replace("127.0.0.1:8443", "nonsense"));
         assert_eq!(e.key, "listen");
         assert!(e.to_string().starts_with("t.yaml:"), "{e}");
+    }
+
+    #[test]
+    fn body_budgets_hold_at_least_one_read_and_the_worker_at_least_a_connection() {
+        let quic = |q: &str| GOOD.replace("tls:", &format!("quic: {{ {q} }}\ntls:"));
+        let c = parse(GOOD, "t.yaml", Path::new(".")).unwrap();
+        assert_eq!((c.quic.body_buffer_per_connection.0, c.quic.body_buffer_per_worker.0), (4 << 20, 128 << 20));
+        let e = err(&quic("body_buffer_per_connection: 4KiB"));
+        assert_eq!(e.key, "quic.body_buffer_per_connection");
+        assert!(e.problem.contains("must be between 64KiB and 1GiB"), "{}", e.problem);
+        let e = err(&quic("body_buffer_per_connection: 8MiB, body_buffer_per_worker: 4MiB"));
+        assert_eq!(e.key, "quic.body_buffer_per_worker");
+        assert!(e.problem.contains("at least quic.body_buffer_per_connection"), "{}", e.problem);
+        parse(&quic("body_buffer_per_connection: 64KiB, body_buffer_per_worker: 64KiB"), "t.yaml", Path::new("."))
+            .unwrap();
     }
 }

@@ -218,6 +218,10 @@ pub struct Quic {
     pub max_connections_per_worker: usize,
     /// Most new connections a worker accepts per second (0: no limit); beyond, refused.
     pub max_new_connections_per_sec: u32,
+    /// Most request-body bytes Spooky holds for one connection's streams, and for all of a
+    /// worker's; past either, it stops reading bodies from QUIC until some go upstream.
+    pub body_buffer_per_connection: ByteSize,
+    pub body_buffer_per_worker: ByteSize,
 }
 
 /// When Spooky sends a Retry to validate a client's address before keeping any state.
@@ -253,6 +257,8 @@ impl Default for Quic {
             early_data: false,
             max_connections_per_worker: 100_000,
             max_new_connections_per_sec: 0,
+            body_buffer_per_connection: ByteSize(4 << 20),
+            body_buffer_per_worker: ByteSize(128 << 20),
         }
     }
 }

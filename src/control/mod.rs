@@ -103,7 +103,7 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
     let mut stray_boxes = Vec::with_capacity(workers);
     let mut peers = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let (postbox, mailbox) = mailbox::mailbox(Some(steering::STRAY_QUEUE))?;
+        let (postbox, mailbox) = steering::stray_mailbox()?;
         peers.push(postbox);
         stray_boxes.push(mailbox);
     }
@@ -123,7 +123,7 @@ pub fn run(first: Snapshot) -> anyhow::Result<()> {
             id,
             sockets: socks,
             inbox,
-            peers: peers.iter().map(mailbox::Postbox::try_clone).collect::<Result<Vec<_>, _>>()?,
+            peers: peers.iter().map(steering::StrayPeer::try_clone).collect::<Result<Vec<_>, _>>()?,
             strays,
             keys: keys.clone(),
             logger: logger.clone(),

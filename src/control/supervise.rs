@@ -22,12 +22,12 @@
 //! - A panic while a panic unwinds (in a destructor), or inside a callback BoringSSL calls from
 //!   C, aborts the process (Rust's rules); the process supervisor restarts it then.
 
-use super::mailbox::{Mailbox, Postbox};
+use super::mailbox::Mailbox;
 use super::{ControlLink, Event, ToWorker};
 use crate::control::snapshot::Snapshot;
 use crate::edge::keys::EdgeKeys;
 use crate::edge::socket::{EdgeSocket, Offloads};
-use crate::edge::steering::Stray;
+use crate::edge::steering::{Stray, StrayPeer};
 use crate::edge::worker::{Mesh, Worker, WorkerCtx};
 use crate::health::HealthView;
 use crate::telemetry::access_log::AccessLogger;
@@ -62,7 +62,7 @@ pub struct WorkerSeed {
     pub sockets: Vec<UdpSocket>,
     pub inbox: Mailbox<ToWorker>,
     /// Every worker's stray-packet mailbox (by worker id), and this worker's own.
-    pub peers: Vec<Postbox<Stray>>,
+    pub peers: Vec<StrayPeer>,
     pub strays: Mailbox<Stray>,
     pub keys: Arc<EdgeKeys>,
     pub logger: AccessLogger,
@@ -201,7 +201,7 @@ async fn serve(seed: &WorkerSeed, start: &Latest, report: impl Fn(anyhow::Result
         let offloads = Offloads { gso: q.gso, gro: q.gro, txtime: q.pacing && q.pacing_qdisc };
         let sockets =
             seed.sockets.iter().map(|s| EdgeSocket::new(s.try_clone()?, offloads)).collect::<Result<Vec<_>, _>>()?;
-        let peers = seed.peers.iter().map(Postbox::try_clone).collect::<Result<Vec<_>, _>>()?;
+        let peers = seed.peers.iter().map(StrayPeer::try_clone).collect::<Result<Vec<_>, _>>()?;
         let mesh = Mesh { peers, strays: seed.strays.attach()? };
         let ctx = WorkerCtx::new(id, snap, seed.logger.clone(), None)?;
         *ctx.upstreams.health.borrow_mut() = start.health.clone();

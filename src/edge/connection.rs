@@ -10,6 +10,7 @@
 
 use super::pacing::Pacer;
 use super::worker::WorkerCtx;
+use crate::bridge::budget::ConnectionBudget;
 use crate::bridge::exchange::{Exchange, Failure, SharedExchange, StreamKey};
 use crate::bridge::{h3_error, request, response};
 use crate::control::fault;
@@ -50,8 +51,10 @@ pub struct Connection {
     pub pacer: Pacer,
     /// The name Spooky puts in `via`.
     via_name: Rc<str>,
-    /// Request body is read here and split off, so a small read does not pin a large buffer.
+    /// Request body is read here, then handed on as a chunk of its own (see [`take_chunk`]).
     read_buf: BytesMut,
+    /// This connection's share of the worker's request-body budget.
+    body_budget: Rc<ConnectionBudget>,
     /// Highest request stream id seen, for GOAWAY.
     max_stream_seen: Option<u64>,
     /// Set once GOAWAY was sent: streams at or above this id are refused.
@@ -142,7 +145,14 @@ enum End {
 }
 
 impl Connection {
-    pub fn new(handle: u64, quic: quiche::Connection, peer: SocketAddr, socket: usize, via_name: Rc<str>) -> Self {
+    pub fn new(
+        handle: u64,
+        quic: quiche::Connection,
+        peer: SocketAddr,
+        socket: usize,
+        via_name: Rc<str>,
+        body_budget: Rc<ConnectionBudget>,
+    ) -> Self {
         Connection {
             handle,
             quic,
@@ -157,6 +167,7 @@ impl Connection {
             pacer: Pacer::default(),
             via_name,
             read_buf: BytesMut::new(),
+            body_budget,
             max_stream_seen: None,
             goaway_id: None,
             finished: Vec::new(),
@@ -205,6 +216,19 @@ impl Connection {
             // reports only through `poll`.
             self.poll_h3(ctx);
         }
+    }
+
+    /// Drives the streams that stopped reading on a full request-body budget, oldest first,
+    /// while there is room; the others keep their place (see [`crate::bridge::budget`]).
+    pub fn resume_bodies(&mut self, ctx: &WorkerCtx) {
+        let mut stalled = self.body_budget.take_stalled();
+        while self.body_budget.room() > 0 {
+            let Some(sid) = stalled.pop_front() else { break };
+            self.drive(ctx, sid);
+        }
+        self.body_budget.restall(stalled);
+        // As after exchange news: reading may have surfaced the end of a body.
+        self.poll_h3(ctx);
     }
 
     /// Starts a graceful close: HTTP/3 GOAWAY, so the client sends no new requests here.
@@ -361,7 +385,7 @@ impl Connection {
             })
         });
         let key = StreamKey { conn: self.handle, stream: sid };
-        let exchange = Exchange::new(key, ctx.notifier.clone());
+        let exchange = Exchange::new(key, ctx.notifier.clone(), Some(self.body_budget.clone()));
         let content_length = head.content_length;
         let mut route = ctx.unrouted_metrics.clone();
         // A request in 0-RTT data can be replayed by an attacker (RFC 8470): only safe
@@ -604,7 +628,7 @@ fn read_request_body(
                 if st.content_length.is_some_and(|cl| st.body_received > cl) {
                     return Err(request::Malformed("body longer than content-length"));
                 }
-                ex.push_request_chunk(buf.split().freeze());
+                ex.push_request_chunk(take_chunk(buf));
             }
             Err(h3::Error::Done) => {
                 st.readable = false;
@@ -617,6 +641,19 @@ fn read_request_body(
             }
         }
     }
+}
+
+/// The bytes just read, as a chunk that pins no more than twice its size: a read that fills at
+/// least half the buffer takes the buffer along, a smaller one is copied out and the buffer
+/// reused. (Splitting every read off one buffer would let each small chunk keep a whole 64 KiB
+/// allocation alive, so memory held would no longer follow the bytes the budgets count.)
+fn take_chunk(buf: &mut BytesMut) -> Bytes {
+    if 2 * buf.len() >= buf.capacity() {
+        return std::mem::take(buf).freeze();
+    }
+    let chunk = Bytes::copy_from_slice(buf);
+    buf.clear();
+    chunk
 }
 
 /// Writes whatever response parts the exchange holds. `Err(Some(code))` resets the stream

@@ -19,8 +19,10 @@ pub fn quic_config(config: &Config, tls: &TlsMaterial) -> anyhow::Result<quiche:
     c.set_initial_max_stream_data_uni(64 * 1024);
     c.set_initial_max_streams_bidi(q.max_concurrent_streams);
     c.set_initial_max_streams_uni(8);
-    // Let windows grow to what a fast bulk transfer needs, but no further.
-    c.set_max_connection_window(q.max_data.0.max(24 << 20));
+    // A stream's window may grow to what a fast bulk upload needs; the connection's never
+    // grows past `max_data`, so what quiche buffers of one connection's request bodies (all
+    // Spooky has not read yet) stays a configured number (see `bridge::budget`).
+    c.set_max_connection_window(q.max_data.0);
     c.set_max_stream_window(q.max_stream_data.0.max(8 << 20));
     c.set_disable_active_migration(!q.active_migration);
     // quiche keeps one path per client address seen and frees a path only once its CID is

@@ -8,21 +8,70 @@
 //!    to use its usual 4-tuple hash.
 //! 2. **In Spooky:** when a packet still reaches the wrong worker (BPF disabled or refused,
 //!    or a race while a socket joins), the worker hands it to the owner as a [`Stray`] over a
-//!    bounded mailbox, counted; correctness never depends on the BPF program.
+//!    mailbox bounded in packets and in bytes, counted; correctness never depends on the BPF
+//!    program.
 
 use super::cid::{CID_LEN, WORKER_OFFSET};
+use crate::control::mailbox::{self, Mailbox, Postbox};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// Stray packets one worker may have queued for another before further ones are dropped.
 pub const STRAY_QUEUE: usize = 4096;
+/// Bytes of stray packets queued for one worker (from all the others) before further ones
+/// are dropped: a stray is a copy of a datagram of up to 64 KiB, so the count alone would let
+/// a flood queue 256 MiB per worker.
+pub const STRAY_QUEUE_BYTES: usize = 4 << 20;
 
-/// A packet received by a worker that does not own its connection.
+/// A packet received by a worker that does not own its connection. Its bytes count against
+/// its mailbox's [`STRAY_QUEUE_BYTES`] until it is dropped (handled, or refused by the mailbox).
 pub struct Stray {
     pub data: Vec<u8>,
     pub from: SocketAddr,
     /// Index of the listen address (the same in every worker) it arrived on.
     pub socket: usize,
+    queued: Arc<AtomicUsize>,
+    charged: usize,
+}
+
+impl Drop for Stray {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.charged, Ordering::Relaxed);
+    }
+}
+
+/// A worker's stray mailbox: the sending end, one per sending worker, and the receiving end.
+pub fn stray_mailbox() -> std::io::Result<(StrayPeer, Mailbox<Stray>)> {
+    let (postbox, mailbox) = mailbox::mailbox(Some(STRAY_QUEUE))?;
+    Ok((StrayPeer { postbox, queued: Arc::default() }, mailbox))
+}
+
+/// The sending end of a worker's stray mailbox, with the count of bytes queued in it that
+/// every sender and the receiver share.
+pub struct StrayPeer {
+    postbox: Postbox<Stray>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl StrayPeer {
+    /// Hands a copy of `pkt` over; false (nothing queued) when the mailbox is full in packets
+    /// or in bytes.
+    pub fn send(&self, pkt: &[u8], from: SocketAddr, socket: usize) -> bool {
+        let n = pkt.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > STRAY_QUEUE_BYTES {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        // Charged before the copy exists; a refused stray gives its bytes back as it drops.
+        let stray = Stray { data: pkt.to_vec(), from, socket, queued: self.queued.clone(), charged: n };
+        self.postbox.send(stray).is_ok()
+    }
+
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(StrayPeer { postbox: self.postbox.try_clone()?, queued: self.queued.clone() })
+    }
 }
 
 /// Byte offset of the DCID in a short-header packet (after the first byte).
@@ -148,6 +197,25 @@ pub fn run_program(prog: &[libc::sock_filter], pkt: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stray_mailbox_is_bounded_in_bytes_and_gives_them_back() {
+        let (peer, mailbox) = stray_mailbox().unwrap();
+        let from: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let big = vec![0u8; 60_000];
+        let fits = STRAY_QUEUE_BYTES / big.len();
+        assert!(fits < STRAY_QUEUE, "the byte bound binds before the count");
+        for _ in 0..fits {
+            assert!(peer.send(&big, from, 0));
+        }
+        assert!(!peer.send(&big, from, 0), "past the byte bound");
+        assert!(peer.try_clone().unwrap().send(&[0u8; 100], from, 0), "small ones still fit");
+        // Handled strays give their bytes back (the receiving end needs a runtime).
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().build().unwrap();
+        rt.block_on(async { drop(mailbox.attach().unwrap().rx.try_recv().unwrap()) });
+        assert!(peer.send(&big, from, 0));
+        assert!(peer.queued.load(Ordering::Relaxed) <= STRAY_QUEUE_BYTES);
+    }
 
     fn cid(worker: u8) -> [u8; CID_LEN] {
         super::super::cid::CidGenerator::new(1, 7, worker).generate()

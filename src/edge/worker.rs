@@ -26,12 +26,13 @@ use super::keys::{self, EdgeKeys};
 use super::pacing::{Held, PaceMode, Rate, HORIZON};
 use super::settings;
 use super::socket::{EdgeSocket, GSO_MAX_SEGMENTS, PACING_SLACK};
-use super::steering::Stray;
+use super::steering::{Stray, StrayPeer};
 use super::{refuse, retry};
+use crate::bridge::budget::BodyBudget;
 use crate::bridge::exchange::{Notifier, StreamKey};
 use crate::bridge::request::RequestIds;
 use crate::config::HeaderPolicy;
-use crate::control::mailbox::{AttachedMailbox, Postbox};
+use crate::control::mailbox::AttachedMailbox;
 use crate::control::snapshot::Snapshot;
 use crate::control::{ControlLink, Event, ToWorker};
 use crate::route::rate_limit::RateLimiter;
@@ -81,6 +82,8 @@ pub struct WorkerCtx {
     pub metrics: WorkerMetrics,
     pub access_log: AccessLogger,
     pub request_ids: Rc<RefCell<RequestIds>>,
+    /// Request-body bytes held by this worker's streams (kept across reloads).
+    pub body_budget: Rc<BodyBudget>,
 }
 
 impl WorkerCtx {
@@ -100,6 +103,15 @@ impl WorkerCtx {
         let (notifier, request_ids) = match previous {
             Some(p) => (p.notifier.clone(), p.request_ids.clone()),
             None => (Rc::new(Notifier::default()), Rc::new(RefCell::new(RequestIds::new()))),
+        };
+        let (per_connection, per_worker) =
+            (config.quic.body_buffer_per_connection.0 as usize, config.quic.body_buffer_per_worker.0 as usize);
+        let body_budget = match previous {
+            Some(p) => {
+                p.body_budget.reconfigure(per_connection, per_worker);
+                p.body_budget.clone()
+            }
+            None => BodyBudget::new(worker, per_connection, per_worker, notifier.clone()),
         };
         let metrics = WorkerMetrics::new(worker);
         let route_metrics =
@@ -127,6 +139,7 @@ impl WorkerCtx {
             metrics,
             access_log,
             request_ids,
+            body_budget,
         })
     }
 }
@@ -134,7 +147,7 @@ impl WorkerCtx {
 /// A worker's links to the other workers, for packets that reached the wrong one.
 pub struct Mesh {
     /// Every worker's stray mailbox, by worker id (this worker's own included, unused).
-    pub peers: Vec<Postbox<Stray>>,
+    pub peers: Vec<StrayPeer>,
     pub strays: AttachedMailbox<Stray>,
 }
 
@@ -254,6 +267,7 @@ impl Worker {
             self.on_news(key);
         }
         self.news = news;
+        self.resume_bodies();
         self.progress_drain();
         self.flush().await;
         more_waiting
@@ -361,9 +375,10 @@ impl Worker {
 
     /// Hands a packet to the worker that owns its connection.
     fn forward(&mut self, owner: usize, si: usize, pkt: &[u8], from: SocketAddr) {
-        match self.mesh.peers[owner].send(Stray { data: pkt.to_vec(), from, socket: si }) {
-            Ok(()) => self.ctx.metrics.packets_forwarded.increment(1),
-            Err(_) => self.ctx.metrics.dropped(DropReason::StrayQueueFull),
+        if self.mesh.peers[owner].send(pkt, from, si) {
+            self.ctx.metrics.packets_forwarded.increment(1);
+        } else {
+            self.ctx.metrics.dropped(DropReason::StrayQueueFull);
         }
     }
 
@@ -458,7 +473,8 @@ impl Worker {
         };
         let handle = self.next_handle;
         self.next_handle += 1;
-        let mut conn = Connection::new(handle, quic, from, si, self.via_name.clone());
+        let budget = self.ctx.body_budget.connection(handle);
+        let mut conn = Connection::new(handle, quic, from, si, self.via_name.clone(), budget);
         // Until the client sees our CID it keeps sending to the one it picked: map both.
         conn.cids = vec![scid.clone()];
         if hdr.dcid.as_ref() != scid.as_slice() {
@@ -546,6 +562,16 @@ impl Worker {
             Err(e) => {
                 tracing::error!(worker = self.id, version = snap.version, error = %e, "cannot apply the new configuration");
                 self.acknowledge(snap.version, Some(format!("{e:#}")));
+            }
+        }
+    }
+
+    /// Request bodies that stalled on a full budget go on, if bytes were released since.
+    fn resume_bodies(&mut self) {
+        for budget in self.ctx.body_budget.take_resumable() {
+            if let Some(conn) = self.conns.get_mut(&budget.conn) {
+                conn.resume_bodies(&self.ctx);
+                mark_dirty(&mut self.dirty, conn);
             }
         }
     }
@@ -845,5 +871,10 @@ impl Worker {
     /// How many connections the worker holds.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Request-body bytes charged to the worker's budget.
+    pub fn body_bytes_held(&self) -> usize {
+        self.ctx.body_budget.held()
     }
 }

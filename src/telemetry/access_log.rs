@@ -2,7 +2,7 @@
 //! thread formats and writes them. A full channel drops the record (counted in
 //! `spooky_access_log_dropped_total`) rather than ever blocking a worker. A record keeps at
 //! most [`MAX_FIELD`] bytes of the path and authority, so the queue holds at most
-//! `access_log.buffer` × about 9 KiB whatever clients send.
+//! `access_log.buffer` × about 9 KiB whatever clients send (the cut fields give their allocations back).
 //!
 //! A log file is created with mode 0640 and reopened on SIGUSR1, for logrotate's
 //! `postrotate kill -USR1 $(pidof spooky)` (see the README).
@@ -87,6 +87,9 @@ fn cap(field: &mut String) {
         }
         field.truncate(end);
         field.push_str("...");
+        // Truncating keeps the allocation: without this a queued record still holds the
+        // whole path (a stuck log with 12 KB paths held 8,192 × 12 KB).
+        field.shrink_to_fit();
     }
 }
 
@@ -211,6 +214,14 @@ pub fn format_record(r: &Record, s: &Settings, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_capped_field_gives_its_allocation_back() {
+        let mut path = format!("/{}", "é".repeat(10_000));
+        cap(&mut path);
+        assert!(path.len() <= MAX_FIELD && path.ends_with("..."));
+        assert!(path.capacity() <= MAX_FIELD, "a capped path keeps {} bytes allocated", path.capacity());
+    }
 
     fn record() -> Record {
         Record {

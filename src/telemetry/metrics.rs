@@ -10,13 +10,15 @@
 //! | `spooky_worker_timers` | gauge | worker — deadlines the worker holds (at most one per connection) |
 //! | `spooky_connections_accepted_total`, `spooky_quic_handshakes_total` | counter | worker |
 //! | `spooky_packets_received_total`, `spooky_packets_sent_total` | counter | worker |
-//! | `spooky_packets_dropped_total` | counter | worker, reason |
+//! | `spooky_packets_dropped_total` | counter | worker, reason (`stray_queue_full`: the owner's stray mailbox holds 4,096 packets or 4 MiB) |
 //! | `spooky_packets_forwarded_total` | counter | worker — strays handed to the owning worker |
 //! | `spooky_stateless_resets_sent_total`, `spooky_retries_sent_total`, `spooky_version_negotiations_total` | counter | worker |
 //! | `spooky_connections_refused_total` | counter | worker, reason (`connection_limit`, `rate_limit`) |
 //! | `spooky_handshake_failures_total` | counter | cause — connections that ended before the handshake completed: the peer's TLS alert (`bad_certificate`, `unknown_ca`, …) or transport error, Spooky's own (`local_…`, e.g. `local_no_application_protocol`), `idle_timeout`, `other`; the list is in `edge::handshake` |
 //! | `spooky_connection_migrations_total`, `spooky_early_data_requests_total` | counter | worker |
 //! | `spooky_slow_request_bodies_total` | counter | worker — bodies cut below `timeouts.body_min_rate` |
+//! | `spooky_request_body_buffered_bytes` | gauge | worker — request-body bytes held, against `quic.body_buffer_per_worker` |
+//! | `spooky_request_body_stalls_total` | counter | worker — times a stream stopped reading its body on a full budget |
 //! | `spooky_malformed_requests_total` | counter | worker |
 //! | `spooky_quic_transport_errors_total` | counter | code — transport errors Spooky closed a connection with (e.g. 0x4 STREAM_LIMIT_ERROR) |
 //! | `spooky_h3_connection_errors_total` | counter | HTTP/3 connection errors (quiche closed the connection: QPACK, frame, excessive load) |

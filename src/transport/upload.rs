@@ -173,7 +173,7 @@ mod tests {
 
     #[test]
     fn a_replay_sends_the_held_chunks_then_the_rest_once() {
-        let ex = Exchange::new(StreamKey { conn: 1, stream: 0 }, Rc::new(Notifier::default()));
+        let ex = Exchange::new(StreamKey { conn: 1, stream: 0 }, Rc::new(Notifier::default()), None);
         let mut upload = Upload::new(10);
         ex.borrow_mut().push_request_chunk(Bytes::from_static(b"abcd"));
         let mut first = 0;
@@ -196,7 +196,7 @@ mod tests {
 
     #[test]
     fn a_body_given_past_the_limit_is_no_longer_replayable() {
-        let ex = Exchange::new(StreamKey { conn: 1, stream: 0 }, Rc::new(Notifier::default()));
+        let ex = Exchange::new(StreamKey { conn: 1, stream: 0 }, Rc::new(Notifier::default()), None);
         let mut upload = Upload::new(6);
         ex.borrow_mut().push_request_chunk(Bytes::from_static(b"abcd"));
         ex.borrow_mut().push_request_chunk(Bytes::from_static(b"efgh"));
@@ -219,7 +219,7 @@ mod tests {
 
     #[test]
     fn a_cancelled_exchange_ends_the_body() {
-        let ex = Exchange::new(StreamKey { conn: 1, stream: 0 }, Rc::new(Notifier::default()));
+        let ex = Exchange::new(StreamKey { conn: 1, stream: 0 }, Rc::new(Notifier::default()), None);
         let mut upload = Upload::new(6);
         ex.borrow_mut().push_request_chunk(Bytes::from_static(b"abcd"));
         ex.borrow_mut().cancel();

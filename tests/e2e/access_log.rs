@@ -85,3 +85,44 @@ fn the_log_file_is_0640_reopens_on_sigusr1_and_caps_long_paths() {
     assert_eq!(path.len(), 4096, "the path is cut to 4 KiB");
     assert!(path.ends_with("..."));
 }
+
+/// A log that cannot keep up (its reader stopped) fills the queue to `access_log.buffer`
+/// records, each cut to 4 KiB of path: RSS stays within that, the rest is dropped and counted,
+/// and requests are served as usual.
+#[test]
+fn a_stuck_log_with_huge_paths_holds_a_bounded_queue() {
+    const BUFFER: u64 = 8192;
+    const REQUESTS: usize = 9000;
+    let backend = Backend::start("b");
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("access.fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a path we own.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    // A reader that opens the pipe and never reads: the writer blocks once the pipe is full.
+    let reader_path = fifo.clone();
+    let reader = std::thread::spawn(move || std::fs::File::open(reader_path).unwrap());
+    let spooky = Spooky::in_front_of(
+        &[(&backend, 1)],
+        &format!("access_log: {{ target: {}, buffer: {BUFFER} }}", fifo.display()),
+    );
+    let _reader = reader.join().unwrap();
+    let mut client = spooky.client();
+    client.request(Request::get("/warm")).unwrap();
+    let (rss_before, _) = spooky.rss();
+    let long = format!("/{}", "a".repeat(12_000));
+    for i in 0..REQUESTS {
+        let r = client.request(Request::get(&long)).unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(r.status, 200);
+    }
+    let (rss_after, _) = spooky.rss();
+    let dropped = crate::harness::metric_sum(&spooky.metrics(), "spooky_access_log_dropped_total", &[]);
+    assert!(dropped > 0.0, "the queue filled");
+    // Uncut, the queue would hold 8,192 × 12 KB = 94 MiB; cut, about 8,192 × 4.5 KiB = 36 MiB.
+    let growth = rss_after.saturating_sub(rss_before) as f64 / (1 << 20) as f64;
+    assert!(growth < 64.0, "RSS grew {growth:.1} MiB with the log queue full");
+    crate::harness::summary(
+        "stuck_access_log",
+        &format!("requests={REQUESTS} path=12000B buffer={BUFFER} dropped={dropped} rss_growth={growth:.1}MiB served={REQUESTS}/{REQUESTS}"),
+    );
+}

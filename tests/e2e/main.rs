@@ -7,6 +7,7 @@ mod abuse;
 mod access_log;
 mod balancing;
 mod bodies;
+mod budgets;
 mod config_errors;
 mod control;
 mod edge;
