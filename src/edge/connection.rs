@@ -48,8 +48,8 @@ pub struct Connection {
     pub dirty: bool,
     /// Pacing schedule and the datagram held until it is due.
     pub pacer: Pacer,
-    /// The name Spooky puts in `via`.
-    via_name: Rc<str>,
+    /// The fields Spooky adds to response heads (`via`, `alt-svc`).
+    added: Rc<response::Added>,
     /// Request body is read here and split off, so a small read does not pin a large buffer.
     read_buf: BytesMut,
     /// Highest request stream id seen, for GOAWAY.
@@ -142,7 +142,13 @@ enum End {
 }
 
 impl Connection {
-    pub fn new(handle: u64, quic: quiche::Connection, peer: SocketAddr, socket: usize, via_name: Rc<str>) -> Self {
+    pub fn new(
+        handle: u64,
+        quic: quiche::Connection,
+        peer: SocketAddr,
+        socket: usize,
+        added: Rc<response::Added>,
+    ) -> Self {
         Connection {
             handle,
             quic,
@@ -155,7 +161,7 @@ impl Connection {
             deadline: None,
             dirty: false,
             pacer: Pacer::default(),
-            via_name,
+            added,
             read_buf: BytesMut::new(),
             max_stream_seen: None,
             goaway_id: None,
@@ -477,7 +483,7 @@ impl Connection {
                 let h3 = self.h3.as_mut().expect("streams exist only with HTTP/3");
                 match read_request_body(&mut self.quic, h3, sid, st, &mut self.read_buf) {
                     Err(why) => return self.reject_malformed(ctx, sid, why),
-                    Ok(()) => write_response(&mut self.quic, h3, sid, st, &self.via_name),
+                    Ok(()) => write_response(&mut self.quic, h3, sid, st, &self.added),
                 }
             }
             None => return,
@@ -626,7 +632,7 @@ fn write_response(
     h3: &mut h3::Connection,
     sid: u64,
     st: &mut RequestStream,
-    via: &str,
+    added: &response::Added,
 ) -> Result<Drive, Option<u64>> {
     let mut ex = st.exchange.borrow_mut();
     if let Some(Failure::Reset(code)) = ex.failure {
@@ -635,7 +641,7 @@ fn write_response(
     if !st.head_sent {
         let Some(head) = ex.resp_head.as_ref() else { return Ok(Drive::Waiting) };
         let fin = ex.resp_end && ex.resp_chunks.is_empty() && ex.resp_trailers.is_none();
-        let headers = response::head_to_h3(head, via);
+        let headers = response::head_to_h3(head, added);
         match h3.send_response(quic, sid, &headers, fin) {
             Ok(()) => {}
             Err(h3::Error::StreamBlocked) | Err(h3::Error::Done) => return Ok(Drive::Blocked),
