@@ -9,8 +9,10 @@ HTTP/1.1 to nginx (`proxy_pass`) and h2c to Spooky.
 
 Chromium and Firefox ESR get no QUIC-forcing flag or pref: no `--origin-to-force-quic-on`, no
 `network.http.http3.alt-svc-mapping-for-testing`. They only trust the test certificate (Chromium
-by its SPKI hash, Firefox by the certificate in its profile's NSS database) and learn about h3
-from the Alt-Svc field. The browser's own record says which protocol carried each request
+by its SPKI hash, or a private CA in its NSS database; Firefox by the certificate in its
+profile's NSS database) and learn about h3 from the Alt-Svc field. Firefox then moves to h3;
+Chromium dials Spooky and refuses the certificate, because its QUIC accepts only roots built
+into Chromium (see the Chromium test). The browser's own record says which protocol carried each request
 (`performance` entries' `nextHopProtocol`): the first navigation is `h2` (nginx), later requests
 `h3` (Spooky); responses that passed Spooky carry `via: 2 spooky`, nginx's access log shows the
 HTTP/2 requests it served, and Spooky's `spooky_requests_total` counts the HTTP/3 ones.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 import urllib.request
@@ -90,16 +93,70 @@ def nginx_locations(backend_port: int, tmp: Path) -> str:
         }}"""
 
 
-class Front:
-    """hypercorn, nginx (TCP front) and Spooky (UDP) in a namespace of their own."""
+def make_ca_signed(tmp: Path) -> tuple[Path, Path, Path]:
+    """A private CA (EC P-256) and a certificate for localhost it signed: returns the CA
+    certificate, the chain (leaf, CA) and the leaf's key, as PEM files."""
+    import datetime
+    import ipaddress
 
-    def __init__(self, tmp: Path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def build(subject, issuer, key, signer, ca: bool, sans=None):
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        )
+        if ca:
+            b = b.add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Spooky test CA")])
+    ca = build(ca_name, ca_name, ca_key, ca_key, True)
+    sans = [x509.DNSName("localhost")] + [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
+    leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    leaf = build(leaf_name, ca_name, key, ca_key, False, sans)
+    pem = serialization.Encoding.PEM
+    ca_path, chain_path, key_path = tmp / "ca.pem", tmp / "chain.pem", tmp / "leaf-key.pem"
+    ca_path.write_bytes(ca.public_bytes(pem))
+    chain_path.write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
+    key_path.write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return ca_path, chain_path, key_path
+
+
+class Front:
+    """hypercorn, nginx (TCP front) and Spooky (UDP) in a namespace of their own, both with the
+    same certificate: self-signed (`ca=False`; browsers trust it by its SPKI hash or as an
+    NSS database entry) or signed by a private CA (`ca=True`, `self.ca`)."""
+
+    def __init__(self, tmp: Path, ca: bool = False):
         self.tmp = tmp
         self.ns = Netns()
         self.procs: list[Proc] = []
         try:
             assert self.ns.links() == ["lo"], self.ns.links()
             self.cert, self.key, self.spki = make_certificate(tmp)
+            self.ca = None
+            if ca:
+                self.ca, self.cert, self.key = make_ca_signed(tmp)
             with self.ns.entered():
                 backend_port = free_port()
                 app = f"{HERE / 'backends' / 'asgi_app'}:app"
@@ -132,8 +189,8 @@ class Front:
 
 
 @pytest.fixture
-def front(tmp_path):
-    f = Front(tmp_path)
+def front(tmp_path, request):
+    f = Front(tmp_path, ca=getattr(request, "param", False))
     try:
         with watched(*f.procs):
             yield f
@@ -236,23 +293,34 @@ def handshake_failures(edge: Edge) -> dict[str, float]:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup installs it)")
+@pytest.mark.parametrize("front", [False, True], ids=["spki-pinned", "private-ca-in-nssdb"], indirect=True)
 def test_chromium_finds_spooky_through_alt_svc_and_refuses_a_root_it_does_not_know(front, tmp_path):
     """Chromium without --origin-to-force-quic-on learns h3=":P" from nginx's Alt-Svc and opens
     a QUIC connection to Spooky on UDP P, but closes it during the handshake (TLS alert 46,
     certificate_unknown, counted by Spooky): Chromium's QUIC accepts only certificates that chain
     to a root built into Chromium (ProofVerifierChromium: ERR_QUIC_CERT_ROOT_NOT_KNOWN, waived only
-    for --origin-to-force-quic-on hosts), and the test's certificate is trusted only by its SPKI
-    hash (the net log's `cert_is_issued_by_known_root = false`). No request fails: the page keeps
-    using h2 through nginx. With a publicly trusted certificate the same setup moves Chromium to
-    h3; offline, that cannot be shown (README, "Deploying")."""
+    for --origin-to-force-quic-on hosts), and the net log says `cert_is_issued_by_known_root =
+    false`. Twice: the self-signed certificate trusted by its SPKI hash
+    (--ignore-certificate-errors-spki-list), and a private CA trusted in Chromium's NSS database
+    ($HOME/.pki/nssdb, as an enterprise or mkcert root is), no certificate flag at all. No request
+    fails: the page keeps using h2 through nginx. With a publicly trusted certificate the same
+    setup moves Chromium to h3; offline, that cannot be shown (README, "Deploying")."""
     argv = chromium_argv(tmp_path, front.edge, "127.0.0.1", netlog=True, force_quic=False)
     assert not any("quic" in a for a in argv), argv
+    if front.ca is not None:
+        home = tmp_path / "home"
+        db = home / ".pki" / "nssdb"
+        db.mkdir(parents=True)
+        subprocess.run([CERTUTIL, "-N", "-d", f"sql:{db}", "--empty-password"], check=True, timeout=30)
+        add = [CERTUTIL, "-A", "-n", "spooky-test-ca", "-t", "C,,", "-i", str(front.ca), "-d", f"sql:{db}"]
+        subprocess.run(add, check=True, timeout=30)
+        argv = ["env", f"HOME={home}"] + [a for a in argv if not a.startswith("--ignore-certificate-errors")]
 
     def start():
         return Browser("chromium", argv, tmp_path / "chromium.log", r"DevTools listening on (ws://\S+)")
 
     before = handshake_failures(front.edge)
-    r = discover(front, "chromium", start, Cdp)
+    r = discover(front, "chromium/" + ("private CA in nssdb" if front.ca else "SPKI-pinned"), start, Cdp)
     grown = {c: v - before.get(c, 0) for c, v in handshake_failures(front.edge).items() if v > before.get(c, 0)}
     log = netlog(tmp_path / "netlog.json", PORT)
     text = (tmp_path / "netlog.json").read_text()
