@@ -21,7 +21,6 @@ import re
 import signal
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from conftest import REPO, free_port, start_backend, start_spooky, watched

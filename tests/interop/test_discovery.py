@@ -32,7 +32,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -343,21 +342,40 @@ def test_chromium_finds_spooky_through_alt_svc_and_refuses_a_root_it_does_not_kn
     assert len([x for x in r["nginx"] if x.startswith("GET /bytes/")]) == FETCHES, r["nginx"]
 
 
-@pytest.mark.skipif(
-    FIREFOX is None or CERTUTIL is None,
-    reason="firefox-esr or certutil (libnss3-tools) is not installed (scripts/setup installs them)",
-)
-def test_firefox_discovers_h3_through_alt_svc(front, tmp_path):
-    """Firefox ESR without the testing alt-svc mapping: h2 through nginx first, then h3."""
+def start_firefox(front: Front, tmp_path: Path, third_party_roots_guard: bool):
+    """Firefox ESR with a fresh profile that trusts the test certificate and has no alt-svc
+    mapping; with `third_party_roots_guard`, Firefox's default for
+    `network.http.http3.disable_when_third_party_roots_found` (on) is left in force."""
     profile = tmp_path / "profile"
     firefox_profile(profile, front.cert, PORT, mapping=False)
-    assert "alt-svc-mapping" not in (profile / "user.js").read_text()
+    prefs = (profile / "user.js").read_text()
+    assert "alt-svc-mapping" not in prefs
+    if third_party_roots_guard:
+        kept = [line for line in prefs.splitlines() if "disable_when_third_party_roots_found" not in line]
+        (profile / "user.js").write_text("".join(line + "\n" for line in kept))
     argv = [
         "env", "MOZ_CRASHREPORTER_DISABLE=1", "MOZ_HEADLESS=1",
         FIREFOX, "--headless", "--no-remote", "--profile", str(profile), "--remote-debugging-port", "0", "about:blank",
     ]  # fmt: skip
+    return lambda: Browser("firefox", argv, tmp_path / "firefox.log", r"WebDriver BiDi listening on (ws://\S+)")
 
-    def start():
-        return Browser("firefox", argv, tmp_path / "firefox.log", r"WebDriver BiDi listening on (ws://\S+)")
 
-    check_discovery(discover(front, "firefox", start, Bidi))
+FIREFOX_MISSING = FIREFOX is None or CERTUTIL is None
+FIREFOX_WHY = "firefox-esr or certutil (libnss3-tools) is not installed (scripts/setup installs them)"
+
+
+@pytest.mark.skipif(FIREFOX_MISSING, reason=FIREFOX_WHY)
+def test_firefox_discovers_h3_through_alt_svc(front, tmp_path):
+    """Firefox ESR without the testing alt-svc mapping: h2 through nginx first, then h3."""
+    check_discovery(discover(front, "firefox", start_firefox(front, tmp_path, False), Bidi))
+
+
+@pytest.mark.skipif(FIREFOX_MISSING, reason=FIREFOX_WHY)
+def test_firefox_keeps_h2_while_a_third_party_root_is_trusted(front, tmp_path):
+    """With its default `disable_when_third_party_roots_found`, Firefox does not use HTTP/3 at
+    all while a root outside its built-in list is trusted (the test's certificate is one): every
+    request stays on h2 through nginx, and Spooky serves none."""
+    r = discover(front, "firefox/third-party-roots guard on", start_firefox(front, tmp_path, True), Bidi)
+    assert r["first_navigation"] == r["second_navigation"] == ["h2"], r
+    assert len(r["fetches"]) == FETCHES and all(f.get("protocol") == "h2" for f in r["fetches"]), r["fetches"]
+    assert r["spooky_requests"] == 0, r
