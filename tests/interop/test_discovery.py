@@ -12,17 +12,18 @@ Chromium and Firefox ESR get no QUIC-forcing flag or pref: no `--origin-to-force
 by its SPKI hash, or a private CA in its NSS database; Firefox by the certificate in its
 profile's NSS database) and learn about h3 from the Alt-Svc field. Firefox then moves to h3;
 Chromium dials Spooky and refuses the certificate, because its QUIC accepts only roots built
-into Chromium (see the Chromium test). The browser's own record says which protocol carried each request
-(`performance` entries' `nextHopProtocol`): the first navigation is `h2` (nginx), later requests
-`h3` (Spooky); responses that passed Spooky carry `via: 2 spooky`, nginx's access log shows the
+into Chromium (see the Chromium test). The browser's own record says which protocol carried each
+request (`performance` entries' `nextHopProtocol`): for Firefox the first navigation is `h2`
+(nginx), later requests `h3` (Spooky); responses that passed Spooky carry `via: 2 spooky`, nginx's access log shows the
 HTTP/2 requests it served, and Spooky's `spooky_requests_total` counts the HTTP/3 ones.
 
 Firefox keeps `network.http.http3.disable_when_third_party_roots_found` off, as
 test_browsers.py does: by default Firefox turns HTTP/3 off entirely while any certificate outside
 its built-in roots is trusted (an enterprise-interception guard), and the test certificate is such
-a certificate. A site with a publicly trusted certificate does not meet that guard.
+a certificate (`test_firefox_keeps_h2_while_a_third_party_root_is_trusted` shows it). A site
+with a publicly trusted certificate does not meet that guard.
 
-Everything runs in test_browsers.py's network namespace with only loopback.
+Everything runs in a network namespace of test_browsers.py's kind (`Netns`), with only loopback.
 Run: `.venv/bin/python -m pytest tests/interop/test_discovery.py -q -s`.
 """
 
