@@ -245,7 +245,7 @@ fn check_response(status: u16, fields: &[(Vec<u8>, Vec<u8>)]) {
             parts.headers.append(n, v);
         }
     }
-    let out = response::head_to_h3(&parts, "spooky");
+    let out = response::head_to_h3(&parts, &response::Added { via_name: "spooky".into(), alt_svc: None });
     assert_eq!(out[0].name(), b":status");
     assert_eq!(out[0].value(), status.as_str().as_bytes());
     let last = out.last().expect("via");

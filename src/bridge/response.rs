@@ -4,10 +4,26 @@ use super::CONNECTION_SPECIFIC;
 use http::HeaderMap;
 use quiche::h3::Header;
 
+/// The fields Spooky adds to every response head it sends (from `headers` in the config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Added {
+    /// The name in `via: 2 NAME`.
+    pub via_name: Box<str>,
+    /// `alt-svc`, replacing the backend's, when configured.
+    pub alt_svc: Option<Box<str>>,
+}
+
+impl Added {
+    pub fn new(policy: &crate::config::HeaderPolicy) -> Self {
+        Added { via_name: policy.via_name.as_str().into(), alt_svc: policy.alt_svc.as_deref().map(Into::into) }
+    }
+}
+
 /// The HTTP/3 header section for an upstream response: `:status`, then the upstream's fields
-/// without connection-specific ones, with `via` appended.
-pub fn head_to_h3(parts: &http::response::Parts, via_name: &str) -> Vec<Header> {
-    let mut out = Vec::with_capacity(parts.headers.len() + 2);
+/// without connection-specific ones (and without its `alt-svc` when Spooky has its own), with
+/// `via` appended, then Spooky's `alt-svc`.
+pub fn head_to_h3(parts: &http::response::Parts, added: &Added) -> Vec<Header> {
+    let mut out = Vec::with_capacity(parts.headers.len() + 3);
     out.push(Header::new(b":status", parts.status.as_str().as_bytes()));
     let mut via = None;
     for (name, value) in &parts.headers {
@@ -15,16 +31,22 @@ pub fn head_to_h3(parts: &http::response::Parts, via_name: &str) -> Vec<Header> 
             via = Some(value.as_bytes());
             continue;
         }
+        if added.alt_svc.is_some() && name == http::header::ALT_SVC {
+            continue;
+        }
         if is_forwardable(name) {
             out.push(Header::new(name.as_str().as_bytes(), value.as_bytes()));
         }
     }
-    let ours = format!("2 {via_name}");
+    let ours = format!("2 {}", added.via_name);
     let via = match via {
         Some(prev) => [prev, b", ", ours.as_bytes()].concat(),
         None => ours.into_bytes(),
     };
     out.push(Header::new(b"via", &via));
+    if let Some(alt_svc) = &added.alt_svc {
+        out.push(Header::new(b"alt-svc", alt_svc.as_bytes()));
+    }
     out
 }
 
@@ -71,10 +93,24 @@ mod tests {
         let mut resp = http::Response::builder().status(203).header("x-a", "1").header("via", "1.1 origin");
         resp.headers_mut().unwrap().insert("keep-alive", http::HeaderValue::from_static("5"));
         let (parts, ()) = resp.body(()).unwrap().into_parts();
-        let h = names(&head_to_h3(&parts, "spooky"));
+        let h = names(&head_to_h3(&parts, &Added { via_name: "spooky".into(), alt_svc: None }));
         assert_eq!(h[0], (":status".into(), "203".into()));
         assert!(h.contains(&("x-a".into(), "1".into())));
         assert!(h.contains(&("via".into(), "1.1 origin, 2 spooky".into())));
         assert!(!h.iter().any(|(n, _)| n == "keep-alive"));
+    }
+
+    #[test]
+    fn configured_alt_svc_replaces_the_backends() {
+        let resp = http::Response::builder().status(200).header("alt-svc", "h2=\":9000\"").header("x-a", "1");
+        let (parts, ()) = resp.body(()).unwrap().into_parts();
+        let added = Added { via_name: "edge".into(), alt_svc: Some("h3=\":443\"; ma=86400".into()) };
+        let h = names(&head_to_h3(&parts, &added));
+        let alt: Vec<_> = h.iter().filter(|(n, _)| n == "alt-svc").map(|(_, v)| v.as_str()).collect();
+        assert_eq!(alt, ["h3=\":443\"; ma=86400"]);
+        assert!(h.contains(&("via".into(), "2 edge".into())));
+        // Without one of its own, Spooky passes the backend's on.
+        let h = names(&head_to_h3(&parts, &Added { via_name: "edge".into(), alt_svc: None }));
+        assert!(h.contains(&("alt-svc".into(), "h2=\":9000\"".into())));
     }
 }

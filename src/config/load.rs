@@ -102,6 +102,9 @@ pub(crate) fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
     if c.headers.via_name.is_empty() || !c.headers.via_name.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(bad("headers.via_name", "must be a non-empty token without spaces"));
     }
+    if let Some(v) = &c.headers.alt_svc {
+        check_alt_svc(v).map_err(|p| bad("headers.alt_svc", p))?;
+    }
     validate_upstream_h2(&c.upstream_h2)?;
     if c.upstreams.is_empty() {
         return Err(bad("upstreams", "at least one upstream pool is required"));
@@ -166,6 +169,53 @@ pub(crate) fn validate(c: &mut Config, base: &Path) -> Result<(), Invalid> {
         return Err(bad("log.level", format!("`{}` is not a valid log filter", c.log.level)));
     }
     ranges::count("access_log.buffer", c.access_log.buffer as u64, 1, 1 << 20)?;
+    Ok(())
+}
+
+/// An `Alt-Svc` field value (RFC 7838 §3): `clear`, or a comma-separated list of
+/// `protocol-id="[host]:port"` with optional `; name=value` parameters (`ma` a number of
+/// seconds, `persist=1`).
+fn check_alt_svc(v: &str) -> Result<(), String> {
+    fn token(s: &str) -> bool {
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    }
+    if http::HeaderValue::from_str(v).is_err() || v.trim() != v {
+        return Err(format!("`{v}` is not a valid header value"));
+    }
+    if v == "clear" {
+        return Ok(());
+    }
+    for alt in v.split(',') {
+        let mut parts = alt.split(';').map(str::trim);
+        let first = parts.next().unwrap_or_default();
+        let Some((proto, authority)) = first.split_once('=') else {
+            return Err(format!("`{}` is not `protocol=\"host:port\"` (e.g. `h3=\":443\"; ma=86400`)", alt.trim()));
+        };
+        if !token(proto) {
+            return Err(format!("`{proto}` is not a protocol id (e.g. `h3`)"));
+        }
+        let Some(authority) = authority.strip_prefix('"').and_then(|a| a.strip_suffix('"')) else {
+            return Err(format!("the authority of `{proto}` must be quoted: `{proto}=\"{authority}\"`"));
+        };
+        let port = authority.rsplit_once(':').map(|(_, p)| p).unwrap_or_default();
+        if !matches!(port.parse::<u16>(), Ok(1..)) || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("`{authority}` needs a port 1..=65535 (`:443`, or `host:443`)"));
+        }
+        for param in parts {
+            let Some((name, value)) = param.split_once('=') else {
+                return Err(format!("parameter `{param}` is not `name=value`"));
+            };
+            let value = value.trim_matches('"');
+            match name.trim() {
+                "ma" if value.parse::<u32>().is_ok() => {}
+                "ma" => return Err(format!("`ma={value}` must be a number of seconds")),
+                "persist" if value == "1" => {}
+                "persist" => return Err("`persist` can only be 1".into()),
+                other if token(other) => {}
+                other => return Err(format!("`{other}` is not a parameter name")),
+            }
+        }
+    }
     Ok(())
 }
 
@@ -497,6 +547,41 @@ routes:
         }
         for good in ["a", "api.example.com", "*.example.com", "x-1.y"] {
             assert!(check_sni_name(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn alt_svc_is_checked() {
+        let with = |v: &str| GOOD.replace("routes:", &format!("headers: {{ alt_svc: '{v}' }}\nroutes:"));
+        let c = parse(&with(r#"h3=":443"; ma=86400"#), "t.yaml", Path::new(".")).unwrap();
+        assert_eq!(c.headers.alt_svc.as_deref(), Some(r#"h3=":443"; ma=86400"#));
+        assert_eq!(parse(GOOD, "t.yaml", Path::new(".")).unwrap().headers.alt_svc, None);
+        let e = err(&with("h3=:443"));
+        assert_eq!(e.key, "headers.alt_svc");
+        assert!(e.problem.contains("must be quoted"), "{e}");
+        for good in [
+            "clear",
+            r#"h3=":8443""#,
+            r#"h3="edge.example.com:443"; ma=3600; persist=1"#,
+            r#"h3=":443"; ma=86400, h3-29=":443""#,
+            r#"h3="[::1]:443""#,
+        ] {
+            assert!(check_alt_svc(good).is_ok(), "{good}: {:?}", check_alt_svc(good));
+        }
+        for bad in [
+            "",
+            "h3",
+            r#"h3=":0""#,
+            r#"h3=":65536""#,
+            r#"h3="host""#,
+            r#"h3=":443"; ma=soon"#,
+            r#"h3=":443"; persist=2"#,
+            r#"h 3=":443""#,
+            r#"h3=":443"; ma"#,
+            " h3=\":443\"",
+            "h3=\":443\"\n",
+        ] {
+            assert!(check_alt_svc(bad).is_err(), "{bad:?} accepted");
         }
     }
 

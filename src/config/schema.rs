@@ -310,11 +310,15 @@ pub struct HeaderPolicy {
     pub x_forwarded_for: ForwardedMode,
     /// The name Spooky gives itself in `via`.
     pub via_name: String,
+    /// `alt-svc` on every response Spooky sends (RFC 7838), replacing a backend's, e.g.
+    /// `h3=":443"; ma=86400`: clients that found Spooky through a TCP front's `Alt-Svc` keep
+    /// their record of it fresh. Unset: a backend's `alt-svc` passes through unchanged.
+    pub alt_svc: Option<String>,
 }
 
 impl Default for HeaderPolicy {
     fn default() -> Self {
-        HeaderPolicy { x_forwarded_for: ForwardedMode::Overwrite, via_name: "spooky".into() }
+        HeaderPolicy { x_forwarded_for: ForwardedMode::Overwrite, via_name: "spooky".into(), alt_svc: None }
     }
 }
 

@@ -49,8 +49,8 @@ pub struct Connection {
     pub dirty: bool,
     /// Pacing schedule and the datagram held until it is due.
     pub pacer: Pacer,
-    /// The name Spooky puts in `via`.
-    via_name: Rc<str>,
+    /// The fields Spooky adds to response heads (`via`, `alt-svc`).
+    added: Rc<response::Added>,
     /// Request body is read here, then handed on as a chunk of its own (see [`take_chunk`]).
     read_buf: BytesMut,
     /// This connection's share of the worker's request-body budget.
@@ -150,7 +150,7 @@ impl Connection {
         quic: quiche::Connection,
         peer: SocketAddr,
         socket: usize,
-        via_name: Rc<str>,
+        added: Rc<response::Added>,
         body_budget: Rc<ConnectionBudget>,
     ) -> Self {
         Connection {
@@ -165,7 +165,7 @@ impl Connection {
             deadline: None,
             dirty: false,
             pacer: Pacer::default(),
-            via_name,
+            added,
             read_buf: BytesMut::new(),
             body_budget,
             max_stream_seen: None,
@@ -501,7 +501,7 @@ impl Connection {
                 let h3 = self.h3.as_mut().expect("streams exist only with HTTP/3");
                 match read_request_body(&mut self.quic, h3, sid, st, &mut self.read_buf) {
                     Err(why) => return self.reject_malformed(ctx, sid, why),
-                    Ok(()) => write_response(&mut self.quic, h3, sid, st, &self.via_name),
+                    Ok(()) => write_response(&mut self.quic, h3, sid, st, &self.added),
                 }
             }
             None => return,
@@ -663,7 +663,7 @@ fn write_response(
     h3: &mut h3::Connection,
     sid: u64,
     st: &mut RequestStream,
-    via: &str,
+    added: &response::Added,
 ) -> Result<Drive, Option<u64>> {
     let mut ex = st.exchange.borrow_mut();
     if let Some(Failure::Reset(code)) = ex.failure {
@@ -672,7 +672,7 @@ fn write_response(
     if !st.head_sent {
         let Some(head) = ex.resp_head.as_ref() else { return Ok(Drive::Waiting) };
         let fin = ex.resp_end && ex.resp_chunks.is_empty() && ex.resp_trailers.is_none();
-        let headers = response::head_to_h3(head, via);
+        let headers = response::head_to_h3(head, added);
         match h3.send_response(quic, sid, &headers, fin) {
             Ok(()) => {}
             Err(h3::Error::StreamBlocked) | Err(h3::Error::Done) => return Ok(Drive::Blocked),

@@ -31,6 +31,7 @@ use super::{refuse, retry};
 use crate::bridge::budget::BodyBudget;
 use crate::bridge::exchange::{Notifier, StreamKey};
 use crate::bridge::request::RequestIds;
+use crate::bridge::response;
 use crate::config::HeaderPolicy;
 use crate::control::mailbox::AttachedMailbox;
 use crate::control::snapshot::Snapshot;
@@ -171,7 +172,8 @@ pub struct Worker {
     timers: BTreeSet<(Instant, u64)>,
     dirty: Vec<u64>,
     cids: CidGenerator,
-    via_name: Rc<str>,
+    /// The fields added to response heads, shared by the connections accepted under it.
+    added: Rc<response::Added>,
     /// Where a flush assembles its GSO batches.
     send_buf: Vec<u8>,
     /// Largest datagram Spooky sends (`quic.max_udp_payload`).
@@ -215,7 +217,7 @@ impl Worker {
             retry_token_lifetime: q.retry_token_lifetime.0,
             sockets,
             quic_config: settings::quic_config(&snap.config, &snap.tls)?,
-            via_name: snap.config.headers.via_name.as_str().into(),
+            added: Rc::new(response::Added::new(&snap.config.headers)),
             ctx,
             control,
             conns: HashMap::new(),
@@ -474,7 +476,7 @@ impl Worker {
         let handle = self.next_handle;
         self.next_handle += 1;
         let budget = self.ctx.body_budget.connection(handle);
-        let mut conn = Connection::new(handle, quic, from, si, self.via_name.clone(), budget);
+        let mut conn = Connection::new(handle, quic, from, si, self.added.clone(), budget);
         // Until the client sees our CID it keeps sending to the one it picked: map both.
         conn.cids = vec![scid.clone()];
         if hdr.dcid.as_ref() != scid.as_slice() {
@@ -553,7 +555,7 @@ impl Worker {
                 self.quic_config = quic;
                 self.admission.reconfigure(&snap.config.quic, Instant::now());
                 self.retry_token_lifetime = snap.config.quic.retry_token_lifetime.0;
-                self.via_name = snap.config.headers.via_name.as_str().into();
+                self.added = Rc::new(response::Added::new(&snap.config.headers));
                 self.max_datagram = snap.config.quic.max_udp_payload;
                 self.version = snap.version;
                 tracing::debug!(worker = self.id, version = snap.version, "configuration applied");

@@ -115,3 +115,33 @@ routes:
     assert_eq!(r.status, 421);
     assert!(r.text().contains("not served here"), "{}", r.text());
 }
+
+#[test]
+fn configured_alt_svc_is_on_every_response_and_follows_reloads() {
+    let backend = Backend::start("b");
+    let spooky = Spooky::in_front_of(&[(&backend, 1)], "headers:\n  alt_svc: 'h3=\":443\"; ma=60'");
+    let mut client = spooky.client();
+    for path in ["/hello", "/status/503", "/bytes/70000"] {
+        let r = client.request(Request::get(path)).unwrap();
+        let all: Vec<_> = r.headers.iter().filter(|(n, _)| n == "alt-svc").map(|(_, v)| v.as_str()).collect();
+        assert_eq!(all, ["h3=\":443\"; ma=60"], "{path}");
+    }
+    // A reload sets it for connections opened after it; open ones keep theirs.
+    let text = std::fs::read_to_string(&spooky.config).unwrap().replace("ma=60", "ma=120");
+    std::fs::write(&spooky.config, &text).unwrap();
+    spooky.wait_for_config(&text);
+    let fresh = spooky.client().request(Request::get("/hello")).unwrap();
+    assert_eq!(fresh.header("alt-svc"), Some("h3=\":443\"; ma=120"));
+    assert_eq!(client.request(Request::get("/hello")).unwrap().header("alt-svc"), Some("h3=\":443\"; ma=60"));
+    // Spooky's own answers carry it too (a backend that is gone: 502).
+    let dead = Spooky::start(
+        "listen: 127.0.0.1:0\nworkers: 1\ntls: { self_signed: [localhost] }\nheaders: { alt_svc: clear }\n\
+         timeouts: { connect: 1s }\nupstreams:\n  gone: { backends: [{ address: \"127.0.0.1:1\" }] }\n\
+         routes:\n  - upstream: gone\n",
+    );
+    let r = dead.client().request(Request::get("/x")).unwrap();
+    assert_eq!((r.status, r.header("alt-svc")), (502, Some("clear")));
+    // Not configured: none.
+    let plain = Spooky::in_front_of(&[(&backend, 1)], "");
+    assert_eq!(plain.client().request(Request::get("/hello")).unwrap().header("alt-svc"), None);
+}

@@ -202,9 +202,17 @@ class Stack:
     nginx: Proc
 
 
-def write_nginx_conf(tmp: Path, port: int, locations: str) -> Path:
+def write_nginx_conf(tmp: Path, port: int, locations: str, tls: tuple[Path, Path] | None = None) -> Path:
     """nginx's prefix dir `tmp` (temp dirs, config) for one h2c server on 127.0.0.1:port with
-    `locations` in its server block; everything else is nginx's default (no limits tuned)."""
+    `locations` in its server block; everything else is nginx's default (no limits tuned).
+    With `tls` (certificate, key): TLS + HTTP/2 on TCP 127.0.0.1:port and [::1]:port instead."""
+    if tls is None:
+        listen = f"listen 127.0.0.1:{port} http2;"
+    else:
+        listen = (
+            f"listen 127.0.0.1:{port} ssl http2;\n        listen [::1]:{port} ssl http2;\n"
+            f"        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};"
+        )
     for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp / "temp" / d).mkdir(parents=True)
     conf = tmp / "nginx.conf"
@@ -225,7 +233,7 @@ http {{
     default_type application/octet-stream;
     types {{ text/plain txt; }}
     server {{
-        listen 127.0.0.1:{port} http2;
+        {listen}
         server_name localhost;
 {locations}
     }}

@@ -468,9 +468,10 @@ class Browser:
         self.proc.stop()
 
 
-def chromium_argv(tmp: Path, edge: Edge, addr: str, netlog: bool = True) -> list[str]:
+def chromium_argv(tmp: Path, edge: Edge, addr: str, netlog: bool = True, force_quic: bool = True) -> list[str]:
     """Chromium's command line; with `netlog`, a net log in tmp/netlog.json (it logs every QUIC
-    packet and costs Chromium a lot of time: runs that are timed go without)."""
+    packet and costs Chromium a lot of time: runs that are timed go without); without
+    `force_quic`, Chromium finds HTTP/3 only through Alt-Svc, like any user's browser."""
     log = [f"--log-net-log={tmp / 'netlog.json'}", "--net-log-capture-mode=Default"] if netlog else []
     return [
         CHROMIUM,
@@ -488,7 +489,7 @@ def chromium_argv(tmp: Path, edge: Edge, addr: str, netlog: bool = True) -> list
         f"--user-data-dir={tmp / 'profile'}",
         "--remote-debugging-address=127.0.0.1",
         "--remote-debugging-port=0",
-        f"--origin-to-force-quic-on=localhost:{edge.port}",
+        *([f"--origin-to-force-quic-on=localhost:{edge.port}"] if force_quic else []),
         f"--ignore-certificate-errors-spki-list={edge.spki}",
         f"--host-resolver-rules=MAP localhost {addr}, MAP * ~NOTFOUND",
         *log,
@@ -739,10 +740,12 @@ def test_chromium_port_migration_after_stall(lab, tmp_path):
 # --- Firefox -----------------------------------------------------------------------------------
 
 
-def firefox_prefs(port: int) -> dict:
+def firefox_prefs(port: int, mapping: bool = True) -> dict:
+    """With `mapping`, h3 for localhost:port comes from the testing alt-svc mapping; without,
+    only from the Alt-Svc fields Firefox receives."""
     return {
         "network.http.http3.enable": True,
-        "network.http.http3.alt-svc-mapping-for-testing": f"localhost;h3=:{port}",
+        **({"network.http.http3.alt-svc-mapping-for-testing": f"localhost;h3=:{port}"} if mapping else {}),
         "network.http.http3.disable_when_third_party_roots_found": False,
         # A quiet start: no first-run pages, default-browser check, updates or telemetry.
         "browser.shell.checkDefaultBrowser": False,
@@ -756,10 +759,10 @@ def firefox_prefs(port: int) -> dict:
     }
 
 
-def firefox_profile(dir: Path, cert: Path, port: int) -> None:
+def firefox_profile(dir: Path, cert: Path, port: int, mapping: bool = True) -> None:
     """A fresh profile: the prefs above, and the test certificate in its NSS database."""
     dir.mkdir()
-    prefs = "".join(f"user_pref({json.dumps(k)}, {json.dumps(v)});\n" for k, v in firefox_prefs(port).items())
+    prefs = "".join(f"user_pref({json.dumps(k)}, {json.dumps(v)});\n" for k, v in firefox_prefs(port, mapping).items())
     (dir / "user.js").write_text(prefs)
     db = f"sql:{dir}"
     subprocess.run([CERTUTIL, "-N", "-d", db, "--empty-password"], check=True, timeout=30)
