@@ -142,6 +142,11 @@ impl BoundedNonEmptyConnectionIdVecDeque {
         self.inner.iter()
     }
 
+    /// Returns a mutable iterator over the entries in the `VecDeque`.
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut ConnectionIdEntry> {
+        self.inner.iter_mut()
+    }
+
     /// Returns the number of elements in the `VecDeque`.
     fn len(&self) -> usize {
         self.inner.len()
@@ -636,6 +641,16 @@ impl ConnectionIdentifiers {
         let e = self.dcids.get_mut(dcid_seq).ok_or(Error::InvalidState)?;
         e.path_id = Some(path_id);
         Ok(())
+    }
+
+    /// Drops every link from a Connection ID to the path `path_id` (the path
+    /// was removed), so no entry names a path identifier that may be reused.
+    pub fn unlink_path_id(&mut self, path_id: usize) {
+        for e in self.scids.iter_mut().chain(self.dcids.iter_mut()) {
+            if e.path_id == Some(path_id) {
+                e.path_id = None;
+            }
+        }
     }
 
     /// Gets the minimum Source Connection ID sequence number whose removal has

@@ -3798,6 +3798,10 @@ impl<F: BufFactory> Connection<F> {
             }
         }
 
+        // The packet may have completed a migration (validated the new active
+        // path): release the paths the connection left.
+        self.release_unused_paths()?;
+
         if let Some(idle_timeout) = self.idle_timeout() {
             self.idle_timer = Some(now + idle_timeout);
         }
@@ -7203,6 +7207,11 @@ impl<F: BufFactory> Connection<F> {
                 },
             }
         }
+
+        // Failed paths and the paths the connection left are not needed.
+        if !self.is_closed() {
+            let _ = self.release_unused_paths();
+        }
     }
 
     /// Requests the stack to perform path validation of the proposed 4-tuple.
@@ -9025,6 +9034,96 @@ impl<F: BufFactory> Connection<F> {
             cwin_available > 0
     }
 
+    /// Releases the paths nothing needs any more (see
+    /// [`path::PathMap::releasable_paths()`]).
+    fn release_unused_paths(&mut self) -> Result<()> {
+        // Frames of a released path move to the active one.
+        if self.paths.get_active_path_id().is_err() {
+            return Ok(());
+        }
+
+        for pid in self.paths.releasable_paths() {
+            self.release_path(pid)?;
+        }
+
+        Ok(())
+    }
+
+    /// Removes the path `path_id` and retires the Destination Connection ID it
+    /// used unless another path uses it too, so that the peer can issue a
+    /// fresh one (RFC 9000 §5.1.2). Connection IDs no longer name the removed
+    /// path.
+    fn release_path(&mut self, path_id: usize) -> Result<()> {
+        // What the path still had in flight, or lost and not yet sent again,
+        // is sent again on the active path: nothing else would acknowledge it
+        // or declare it lost once the path is gone.
+        let active_path_id = self.paths.get_active_path_id()?;
+
+        if active_path_id == path_id {
+            return Err(Error::InvalidState);
+        }
+
+        for &e in packet::Epoch::epochs(
+            packet::Epoch::Initial..=packet::Epoch::Application,
+        ) {
+            let frames = self.paths.get_mut(path_id)?.recovery.take_unacked_frames(e);
+
+            if !frames.is_empty() {
+                self.paths
+                    .get_mut(active_path_id)?
+                    .recovery
+                    .add_lost_frames(e, frames);
+            }
+        }
+
+        let path = self.paths.remove_path(path_id)?;
+
+        self.ids.unlink_path_id(path_id);
+
+        // Links of the remaining paths, which the unlinking may have dropped.
+        for (pid, p) in self.paths.iter() {
+            if let Some(seq) = p.active_scid_seq {
+                let _ = self.ids.link_scid_to_path_id(seq, pid);
+            }
+
+            if let Some(seq) = p.active_dcid_seq {
+                let _ = self.ids.link_dcid_to_path_id(seq, pid);
+            }
+        }
+
+        let dcid_seq = match path.active_dcid_seq {
+            Some(seq) if !self.ids.zero_length_dcid() => seq,
+            _ => return Ok(()),
+        };
+
+        let shared = self
+            .paths
+            .iter()
+            .any(|(_, p)| p.active_dcid_seq == Some(dcid_seq));
+
+        if !shared {
+            match self.ids.retire_dcid(dcid_seq) {
+                // The last Destination CID stays (it is not linked to a path
+                // any more, so a new path can use it).
+                Ok(_) | Err(Error::OutOfIdentifiers) => (),
+
+                Err(e) => return Err(e),
+            }
+        }
+
+        trace!(
+            "{} released path {} ({:?}, {:?}); DCID seq {} {}",
+            self.trace_id,
+            path_id,
+            path.local_addr(),
+            path.peer_addr(),
+            dcid_seq,
+            if shared { "kept" } else { "retired" },
+        );
+
+        Ok(())
+    }
+
     fn set_initial_dcid(
         &mut self, cid: ConnectionId<'static>, reset_token: Option<u128>,
         path_id: usize,
@@ -9120,6 +9219,16 @@ impl<F: BufFactory> Connection<F> {
 
         // Automatically probes the new path.
         path.request_validation();
+
+        // A full path table would refuse the new path (and drop the packet):
+        // release a path that is not needed for the connection to go on.
+        if self.paths.is_full() && self.paths.get_active_path_id().is_ok() {
+            if let Some(victim) = self.paths.eviction_candidate() {
+                self.release_path(victim)?;
+            }
+        }
+
+        let ids = &mut self.ids;
 
         let pid = self.paths.insert_path(path, self.is_server)?;
 

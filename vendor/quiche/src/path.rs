@@ -252,6 +252,10 @@ pub struct Path {
 
     /// Whether or not we should force eliciting of an ACK (e.g. via PING frame)
     pub needs_ack_eliciting: bool,
+
+    /// Whether this path was the active one and another path took over: once
+    /// the new active path is validated, nothing needs this one any more.
+    former_active: bool,
 }
 
 impl Path {
@@ -320,6 +324,7 @@ impl Path {
             failure_notified: false,
             migrating: false,
             needs_ack_eliciting: false,
+            former_active: false,
         }
     }
 
@@ -360,6 +365,27 @@ impl Path {
     fn unused(&self) -> bool {
         // FIXME: we should check that there is nothing in the sent queue.
         !self.active() && self.active_dcid_seq.is_none()
+    }
+
+    /// Returns whether nothing needs this path any more, so it can be released
+    /// (its Destination CID retired): it failed validation (and the
+    /// application was told), or it is a former active path while the active
+    /// path is validated (`active_validated`; a client does not wait for it).
+    pub(crate) fn releasable(&self, active_validated: bool) -> bool {
+        if self.active {
+            return false;
+        }
+
+        (self.validation_failed() && self.failure_notified) ||
+            (self.former_active && !self.under_validation() && active_validated)
+    }
+
+    /// Returns whether the path can make room for a new one when the path
+    /// table is full: it is not active and, if it is validated, the active
+    /// path is validated too (so that a validated fallback path is kept while
+    /// a migration is still being validated).
+    pub(crate) fn evictable(&self, active_validated: bool) -> bool {
+        !self.active && (!self.validated() || active_validated)
     }
 
     /// Returns whether the path requires sending a probing packet.
@@ -811,6 +837,63 @@ impl PathMap {
         Ok(())
     }
 
+    /// Returns whether the path table holds `max_concurrent_paths` paths.
+    pub(crate) fn is_full(&self) -> bool {
+        self.paths.len() >= self.max_concurrent_paths
+    }
+
+    /// Returns the identifiers of the paths that nothing needs any more (see
+    /// [`Path::releasable()`]).
+    pub(crate) fn releasable_paths(&self) -> SmallVec<[usize; 4]> {
+        let active_validated = self.active_validated();
+
+        self.paths
+            .iter()
+            .filter(|(_, p)| p.releasable(active_validated))
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// Returns the path to remove when the table is full: an unused one, else
+    /// a failed one, then one that is not validated, then
+    /// any non-active one if the active path is validated. Never the active
+    /// path, never the last validated fallback while the active path is
+    /// still being validated.
+    pub(crate) fn eviction_candidate(&self) -> Option<usize> {
+        let active_validated = self.active_validated();
+        let candidates = || {
+            self.paths
+                .iter()
+                .filter(move |(_, p)| p.evictable(active_validated))
+        };
+
+        self.paths
+            .iter()
+            .find(|(_, p)| p.unused())
+            .or_else(|| candidates().find(|(_, p)| p.validation_failed()))
+            .or_else(|| candidates().find(|(_, p)| !p.validated()))
+            .or_else(|| candidates().next())
+            .map(|(pid, _)| pid)
+    }
+
+    fn active_validated(&self) -> bool {
+        self.get_active().map(|p| p.validated()).unwrap_or(false)
+    }
+
+    /// Removes the path `path_id` and notifies the application with
+    /// [`PathEvent::Closed`]. The caller takes care of the Connection IDs the
+    /// path used.
+    pub(crate) fn remove_path(&mut self, path_id: usize) -> Result<Path> {
+        let path = self.paths.try_remove(path_id).ok_or(Error::InvalidState)?;
+
+        self.addrs_to_paths
+            .remove(&(path.local_addr, path.peer_addr));
+
+        self.notify_event(PathEvent::Closed(path.local_addr, path.peer_addr));
+
+        Ok(path)
+    }
+
     /// Records the provided `Path` and returns its assigned identifier.
     ///
     /// On success, this method takes care of creating a notification to the
@@ -919,10 +1002,12 @@ impl PathMap {
 
         if let Ok(old_active_path) = self.get_active_mut() {
             old_active_path.active = false;
+            old_active_path.former_active = true;
         }
 
         let new_active_path = self.get_mut(path_id)?;
         new_active_path.active = true;
+        new_active_path.former_active = false;
 
         if is_server {
             if new_active_path.validated() {

@@ -200,6 +200,19 @@ pub trait RecoveryOps {
 
     fn get_largest_acked_on_epoch(&self, epoch: packet::Epoch) -> Option<u64>;
     fn has_lost_frames(&self, epoch: packet::Epoch) -> bool;
+
+    /// Takes the frames this recovery would still send again: those of the
+    /// packets in flight (neither acknowledged nor lost) and the lost frames
+    /// not sent again yet. For a path that is removed, so that its frames
+    /// move to another path ([`add_lost_frames()`](Self::add_lost_frames)).
+    fn take_unacked_frames(
+        &mut self, epoch: packet::Epoch,
+    ) -> Vec<frame::Frame>;
+
+    /// Queues `frames` as lost, to be sent again (on any path).
+    fn add_lost_frames(
+        &mut self, epoch: packet::Epoch, frames: Vec<frame::Frame>,
+    );
     fn loss_probes(&self, epoch: packet::Epoch) -> usize;
     #[cfg(test)]
     fn inc_loss_probes(&mut self, epoch: packet::Epoch);

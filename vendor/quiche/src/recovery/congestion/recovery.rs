@@ -596,6 +596,26 @@ impl RecoveryOps for LegacyRecovery {
         self.epochs[epoch].has_lost_frames()
     }
 
+    fn take_unacked_frames(&mut self, epoch: Epoch) -> Vec<frame::Frame> {
+        let e = &mut self.epochs[epoch];
+        let mut frames: Vec<frame::Frame> = e.lost_frames_ack.drain(..).collect();
+        frames.append(&mut e.lost_frames_pto);
+
+        for p in e
+            .sent_packets
+            .iter_mut()
+            .filter(|p| p.time_acked.is_none() && p.time_lost.is_none())
+        {
+            frames.extend(p.frames.drain(..));
+        }
+
+        frames
+    }
+
+    fn add_lost_frames(&mut self, epoch: Epoch, frames: Vec<frame::Frame>) {
+        self.epochs[epoch].lost_frames_ack.extend(frames);
+    }
+
     fn loss_probes(&self, epoch: Epoch) -> usize {
         self.epochs[epoch].loss_probes
     }
