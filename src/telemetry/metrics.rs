@@ -14,6 +14,8 @@
 //! | `spooky_stateless_resets_sent_total`, `spooky_retries_sent_total`, `spooky_version_negotiations_total` | counter | worker |
 //! | `spooky_connections_refused_total` | counter | worker, reason (`connection_limit`, `rate_limit`) |
 //! | `spooky_connection_migrations_total`, `spooky_early_data_requests_total` | counter | worker |
+//! | `spooky_path_validation_failures_total` | counter | worker — client addresses that never answered path validation |
+//! | `spooky_connection_ids` | gauge | worker — CIDs in the worker's table, as of the last CID a connection retired or was issued |
 //! | `spooky_slow_request_bodies_total` | counter | worker — bodies cut below `timeouts.body_min_rate` |
 //! | `spooky_malformed_requests_total` | counter | worker |
 //! | `spooky_quic_transport_errors_total` | counter | code — transport errors Spooky closed a connection with (e.g. 0x4 STREAM_LIMIT_ERROR) |
@@ -99,8 +101,12 @@ pub struct WorkerMetrics {
     pub stateless_resets: Counter,
     pub retries_sent: Counter,
     pub version_negotiations: Counter,
-    /// Connections that moved to a new client address or port (migration, NAT rebinding).
+    /// Connections that moved to a new client address or port (migration, NAT rebinding):
+    /// quiche validated the new path and made it the active one.
     pub migrations: Counter,
+    /// New client addresses that did not answer path validation (a spoofed or vanished
+    /// address; the connection stays on, or goes back to, its validated path).
+    pub path_validation_failures: Counter,
     /// Requests that arrived in 0-RTT early data.
     pub early_data_requests: Counter,
     /// Request streams reset because their body arrived below `timeouts.body_min_rate`.
@@ -130,6 +136,7 @@ impl WorkerMetrics {
             retries_sent: metrics::counter!("spooky_retries_sent_total", &l()),
             version_negotiations: metrics::counter!("spooky_version_negotiations_total", &l()),
             migrations: metrics::counter!("spooky_connection_migrations_total", &l()),
+            path_validation_failures: metrics::counter!("spooky_path_validation_failures_total", &l()),
             early_data_requests: metrics::counter!("spooky_early_data_requests_total", &l()),
             slow_request_bodies: metrics::counter!("spooky_slow_request_bodies_total", &l()),
             refused: REFUSALS
