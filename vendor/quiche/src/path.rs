@@ -845,7 +845,8 @@ impl PathMap {
     /// Returns the identifiers of the paths that nothing needs any more (see
     /// [`Path::releasable()`]).
     pub(crate) fn releasable_paths(&self) -> SmallVec<[usize; 4]> {
-        let active_validated = self.active_validated();
+        // A client does not wait: it chose to move, and keeps no fallback.
+        let active_validated = self.active_validated() || !self.is_server;
 
         self.paths
             .iter()
