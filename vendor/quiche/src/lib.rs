@@ -3798,10 +3798,6 @@ impl<F: BufFactory> Connection<F> {
             }
         }
 
-        // The packet may have completed a migration (validated the new active
-        // path): release the paths the connection left.
-        self.release_unused_paths()?;
-
         if let Some(idle_timeout) = self.idle_timeout() {
             self.idle_timer = Some(now + idle_timeout);
         }
@@ -3811,6 +3807,10 @@ impl<F: BufFactory> Connection<F> {
 
         self.recv_count += 1;
         self.paths.get_mut(recv_pid)?.recv_count += 1;
+
+        // The peer keeps sending on a path it has not answered the challenge
+        // of: challenge it again.
+        self.paths.get_mut(recv_pid)?.reprobe_if_unanswered(now);
 
         let read = b.off() + aead_tag_len;
 
@@ -3825,6 +3825,11 @@ impl<F: BufFactory> Connection<F> {
 
             self.paths.get_mut(recv_pid)?.verified_peer_address = true;
         }
+
+        // The packet may have completed a migration (validated the new active
+        // path): release the paths the connection left. Last, as this may be
+        // the path the packet came on (a PATH_RESPONSE may come on any path).
+        self.release_unused_paths()?;
 
         self.ack_eliciting_sent = false;
 

@@ -256,6 +256,10 @@ pub struct Path {
     /// Whether this path was the active one and another path took over: once
     /// the new active path is validated, nothing needs this one any more.
     former_active: bool,
+
+    /// PATH_CHALLENGEs sent again because the peer kept sending on the path
+    /// without answering the last one (see [`Path::reprobe_if_unanswered()`]).
+    reprobes: usize,
 }
 
 impl Path {
@@ -325,6 +329,7 @@ impl Path {
             migrating: false,
             needs_ack_eliciting: false,
             former_active: false,
+            reprobes: 0,
         }
     }
 
@@ -372,7 +377,8 @@ impl Path {
     /// application was told), or it is a former active path while the active
     /// path is validated (`active_validated`; a client does not wait for it).
     pub(crate) fn releasable(&self, active_validated: bool) -> bool {
-        if self.active {
+        // Not while a PATH_CHALLENGE it received waits for its answer.
+        if self.active || self.probing_required() {
             return false;
         }
 
@@ -386,6 +392,42 @@ impl Path {
     /// a migration is still being validated).
     pub(crate) fn evictable(&self, active_validated: bool) -> bool {
         !self.active && (!self.validated() || active_validated)
+    }
+
+    /// Called for each packet received on the path. If the path is being
+    /// validated and the peer has not answered the latest PATH_CHALLENGE for a
+    /// PTO although it is evidently still sending here, requests a new
+    /// PATH_CHALLENGE (RFC 9000 §8.2.1: an endpoint may send several to guard
+    /// against loss). Without this, a challenge whose packet was acknowledged
+    /// but not answered (or whose answer was lost) is never sent again, no
+    /// PTO fires, and the path stays unvalidated, held by the anti-amplification
+    /// limit, for as long as the peer keeps sending. At most
+    /// [`MAX_REPROBES`] times.
+    pub(crate) fn reprobe_if_unanswered(&mut self, now: Instant) {
+        if !self.under_validation() ||
+            self.challenge_requested ||
+            self.reprobes >= MAX_REPROBES
+        {
+            return;
+        }
+
+        // The latest challenge (or the one quiche gave up on as lost).
+        let last_sent = self
+            .in_flight_challenges
+            .back()
+            .map(|(_, _, sent)| *sent)
+            .or(self.last_probe_lost_time);
+
+        let Some(last_sent) = last_sent else {
+            return;
+        };
+
+        if now.saturating_duration_since(last_sent) < self.recovery.pto() {
+            return;
+        }
+
+        self.reprobes += 1;
+        self.request_validation();
     }
 
     /// Returns whether the path requires sending a probing packet.
@@ -666,6 +708,10 @@ impl ExactSizeIterator for SocketAddrIter {
         self.sockaddrs.len() - self.index
     }
 }
+
+/// How many times a path under validation sends PATH_CHALLENGE again while
+/// the peer keeps sending on it without an answer.
+pub(crate) const MAX_REPROBES: usize = 8;
 
 /// All path-related information.
 pub struct PathMap {

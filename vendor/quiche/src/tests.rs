@@ -11133,12 +11133,25 @@ fn path_probing_dos(
     flight
         .iter_mut()
         .for_each(|(_, si)| si.from = client_addr_3);
-    // Both paths have DCIDs, so `make_room_for_new_path()` cannot evict either
-    // and returns `Error::Done`. `ReusedSourceConnectionId` is emitted only
-    // after successful insertion, so no event is queued.
+    // Spooky patch 1: the table is full, so the validated path that is not
+    // active makes room (the active one is validated); the table does not
+    // grow, and the events are bounded by the paths inserted.
+    // `ReusedSourceConnectionId` is emitted only after successful insertion.
     test_utils::process_flight(&mut pipe.server, flight)
         .expect("failed to process");
     assert_eq!(pipe.server.paths.len(), 2);
+    assert_eq!(
+        pipe.server.path_event_next(),
+        Some(PathEvent::Closed(server_addr, client_addr_2))
+    );
+    assert_eq!(
+        pipe.server.path_event_next(),
+        Some(PathEvent::New(server_addr, client_addr_3))
+    );
+    assert!(matches!(
+        pipe.server.path_event_next(),
+        Some(PathEvent::ReusedSourceConnectionId(..))
+    ));
     assert_eq!(pipe.server.path_event_next(), None);
 }
 
@@ -11439,6 +11452,11 @@ fn connection_migration(
         pipe.server.path_event_next(),
         Some(PathEvent::PeerMigrated(server_addr, client_addr_2))
     );
+    // Spooky patch 1: the path the client left is released.
+    assert_eq!(
+        pipe.server.path_event_next(),
+        Some(PathEvent::Closed(server_addr, test_utils::Pipe::client_addr()))
+    );
     assert_eq!(pipe.server.path_event_next(), None);
     assert_eq!(
         pipe.server
@@ -11490,6 +11508,11 @@ fn connection_migration(
         pipe.server.path_event_next(),
         Some(PathEvent::PeerMigrated(server_addr, client_addr_3))
     );
+    // Spooky patch 1: the path the client left is released.
+    assert_eq!(
+        pipe.server.path_event_next(),
+        Some(PathEvent::Closed(server_addr, client_addr_2))
+    );
     assert_eq!(pipe.server.path_event_next(), None);
     assert_eq!(
         pipe.server
@@ -11513,6 +11536,15 @@ fn connection_migration(
     assert_eq!(pipe.client.migrate(client_addr_3, server_addr), Ok(2));
     assert_eq!(pipe.client.stream_send(8, b"data", true), Ok(4));
     assert_eq!(pipe.advance(), Ok(()));
+    // Spooky patch 1: the paths the client left (cases 1 and 2) are released.
+    assert_eq!(
+        pipe.client.path_event_next(),
+        Some(PathEvent::Closed(test_utils::Pipe::client_addr(), server_addr))
+    );
+    assert_eq!(
+        pipe.client.path_event_next(),
+        Some(PathEvent::Closed(client_addr_2, server_addr))
+    );
     assert_eq!(pipe.client.path_event_next(), None);
     assert_eq!(
         pipe.client
@@ -11632,6 +11664,11 @@ fn connection_migration_zero_length_cid(
     assert_eq!(
         pipe.server.path_event_next(),
         Some(PathEvent::PeerMigrated(server_addr, client_addr_2))
+    );
+    // Spooky patch 1: the path the client left is released.
+    assert_eq!(
+        pipe.server.path_event_next(),
+        Some(PathEvent::Closed(server_addr, test_utils::Pipe::client_addr()))
     );
     assert_eq!(pipe.server.path_event_next(), None);
     assert_eq!(
@@ -11839,6 +11876,17 @@ fn resilience_against_migration_attack(
         ))
     );
 
+    // The connection is back on the validated path, and (Spooky patch 1)
+    // the failed path is released.
+    assert_eq!(
+        pipe.server.path_event_next(),
+        Some(PathEvent::PeerMigrated(server_addr, client_addr))
+    );
+    assert_eq!(
+        pipe.server.path_event_next(),
+        Some(PathEvent::Closed(server_addr, spoofed_client_addr))
+    );
+
     assert_eq!(
         pipe.server.is_path_validated(server_addr, client_addr),
         Ok(true)
@@ -11846,7 +11894,7 @@ fn resilience_against_migration_attack(
     assert_eq!(
         pipe.server
             .is_path_validated(server_addr, spoofed_client_addr),
-        Ok(false)
+        Err(Error::InvalidState)
     );
 
     let server_active_path = pipe.server.paths.get_active().unwrap();
@@ -13381,4 +13429,171 @@ fn server_qlog() {
     } else {
         panic!("expected Qlog event");
     }
+}
+
+/// Runs both sides until neither has anything to send, through a NAT that
+/// maps the client's address to `nat`: what the client sends arrives from
+/// `nat`, what the server sends to `nat` reaches the client, and what the
+/// server sends elsewhere is lost.
+fn advance_through_nat(pipe: &mut test_utils::Pipe, nat: SocketAddr) {
+    for _ in 0..64 {
+        let mut idle = true;
+
+        if let Ok(mut flight) = test_utils::emit_flight(&mut pipe.client) {
+            idle = false;
+            flight.iter_mut().for_each(|(_, si)| si.from = nat);
+            assert_eq!(test_utils::process_flight(&mut pipe.server, flight), Ok(()));
+        }
+
+        if let Ok(flight) = test_utils::emit_flight(&mut pipe.server) {
+            idle = false;
+            let flight = flight
+                .into_iter()
+                .filter(|(_, si)| si.to == nat)
+                .map(|(pkt, mut si)| {
+                    si.to = test_utils::Pipe::client_addr();
+                    (pkt, si)
+                })
+                .collect();
+            assert_eq!(test_utils::process_flight(&mut pipe.client, flight), Ok(()));
+        }
+
+        if idle {
+            return;
+        }
+    }
+
+    panic!("the peers did not go quiet");
+}
+
+/// Spooky patch 1: the server follows more NAT rebindings than its path table
+/// has room for (`active_connection_id_limit`), and retires the destination
+/// CIDs of the paths the client left.
+#[rstest]
+fn migration_without_a_path_limit(
+    #[values("cubic", "bbr2_gcongestion")] cc_algorithm_name: &str,
+) {
+    let mut config = Config::new(PROTOCOL_VERSION).unwrap();
+    assert_eq!(config.set_cc_algorithm_name(cc_algorithm_name), Ok(()));
+    config
+        .load_cert_chain_from_pem_file("examples/cert.crt")
+        .unwrap();
+    config
+        .load_priv_key_from_pem_file("examples/cert.key")
+        .unwrap();
+    config
+        .set_application_protos(&[b"proto1", b"proto2"])
+        .unwrap();
+    config.verify_peer(false);
+    config.set_active_connection_id_limit(3);
+    config.set_initial_max_data(100_000);
+    config.set_initial_max_stream_data_bidi_local(100_000);
+    config.set_initial_max_stream_data_bidi_remote(100_000);
+    config.set_initial_max_streams_bidi(3);
+
+    let mut pipe = pipe_with_exchanged_cids(&mut config, 16, 16, 2);
+    let server_addr = test_utils::Pipe::server_addr();
+    let mut buf = [0; 16];
+
+    for i in 0..20u16 {
+        let nat: SocketAddr = format!("127.0.0.1:{}", 20_000 + i).parse().unwrap();
+
+        assert_eq!(pipe.client.stream_send(0, b"moved", false), Ok(5));
+        advance_through_nat(&mut pipe, nat);
+
+        assert_eq!(
+            pipe.server.paths.get_active().unwrap().peer_addr(),
+            nat,
+            "rebinding {i}"
+        );
+        assert_eq!(pipe.server.is_path_validated(server_addr, nat), Ok(true));
+        assert!(pipe.server.paths.len() <= 2, "rebinding {i}: old paths kept");
+
+        let mut migrated = false;
+        while let Some(e) = pipe.server.path_event_next() {
+            migrated |= e == PathEvent::PeerMigrated(server_addr, nat);
+        }
+        assert!(migrated, "rebinding {i}: no PeerMigrated");
+
+        let (n, _) = pipe.server.stream_recv(0, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"moved");
+
+        // The client replaces the CIDs the server retired.
+        while pipe.client.retired_scid_next().is_some() {}
+        while pipe.client.scids_left() > 0 {
+            let (cid, token) = test_utils::create_cid_and_reset_token(16);
+            pipe.client.new_scid(&cid, token, false).unwrap();
+        }
+    }
+}
+
+/// Spooky patch 2: a PATH_CHALLENGE whose packet was acknowledged but never
+/// answered is sent again once the peer, still sending on the path, has let a
+/// PTO pass; the path then validates.
+#[rstest]
+fn unanswered_path_challenge_is_sent_again(
+    #[values("cubic", "bbr2_gcongestion")] cc_algorithm_name: &str,
+) {
+    let mut config = Config::new(PROTOCOL_VERSION).unwrap();
+    assert_eq!(config.set_cc_algorithm_name(cc_algorithm_name), Ok(()));
+    config
+        .load_cert_chain_from_pem_file("examples/cert.crt")
+        .unwrap();
+    config
+        .load_priv_key_from_pem_file("examples/cert.key")
+        .unwrap();
+    config
+        .set_application_protos(&[b"proto1", b"proto2"])
+        .unwrap();
+    config.verify_peer(false);
+    config.set_active_connection_id_limit(3);
+    config.set_initial_max_data(100_000);
+    config.set_initial_max_stream_data_bidi_local(100_000);
+    config.set_initial_max_stream_data_bidi_remote(100_000);
+    config.set_initial_max_streams_bidi(3);
+
+    let mut pipe = pipe_with_exchanged_cids(&mut config, 16, 16, 1);
+    let server_addr = test_utils::Pipe::server_addr();
+    let nat: SocketAddr = "127.0.0.1:5678".parse().unwrap();
+
+    // A NAT rebinding: the server moves and challenges the new address.
+    assert_eq!(pipe.client.stream_send(0, b"a", false), Ok(1));
+    let mut flight = test_utils::emit_flight(&mut pipe.client).unwrap();
+    flight.iter_mut().for_each(|(_, si)| si.from = nat);
+    assert_eq!(test_utils::process_flight(&mut pipe.server, flight), Ok(()));
+    let flight = test_utils::emit_flight(&mut pipe.server).unwrap();
+    assert!(flight.iter().all(|(_, si)| si.to == nat));
+
+    // The client's answer is lost, but its packets keep acknowledging the
+    // server's: no PTO fires for the challenge.
+    let mut ranges = ranges::RangeSet::default();
+    ranges.insert(0..pipe.server.next_pkt_num);
+    let frames = [frame::Frame::ACK {
+        ack_delay: 0,
+        ranges,
+        ecn_counts: None,
+    }];
+    let mut buf = [0; 1500];
+    let n = test_utils::encode_pkt(
+        &mut pipe.client,
+        packet::Type::Short,
+        &frames,
+        &mut buf,
+    )
+    .unwrap();
+    pipe.client.next_pkt_num += 1;
+    let info = RecvInfo {
+        from: nat,
+        to: server_addr,
+    };
+    assert_eq!(pipe.server.recv(&mut buf[..n], info), Ok(n));
+    assert_eq!(pipe.server.is_path_validated(server_addr, nat), Ok(false));
+
+    // A PTO later the client still sends on the new path: a new challenge goes
+    // out, is answered, and the path is validated.
+    let pto = pipe.server.paths.get_active().unwrap().recovery.pto();
+    std::thread::sleep(pto + Duration::from_millis(10));
+    assert_eq!(pipe.client.stream_send(0, b"b", false), Ok(1));
+    advance_through_nat(&mut pipe, nat);
+    assert_eq!(pipe.server.is_path_validated(server_addr, nat), Ok(true));
 }
