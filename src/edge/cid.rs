@@ -44,6 +44,11 @@ impl CidGenerator {
 }
 
 impl CidGenerator {
+    /// The worker id this generator puts into its CIDs.
+    pub fn worker(&self) -> u8 {
+        self.prefix[WORKER_OFFSET]
+    }
+
     /// Whether `cid` was issued by this node (any of its workers): layout, rotation and
     /// server id match.
     pub fn issued_here(&self, cid: &[u8]) -> bool {
@@ -68,6 +73,7 @@ mod tests {
         assert_eq!(a[0], (2 << 5) | 15);
         assert_eq!(&a[1..3], &[0xab, 0xcd]);
         assert_eq!(worker_of(&a), Some(7));
+        assert_eq!(g.worker(), 7);
         assert_ne!(a[4..], b[4..], "nonces differ");
         assert_eq!(worker_of(&a[..8]), None);
         assert!(g.issued_here(&a));

@@ -181,6 +181,7 @@ impl Connection {
 
     /// Handles what the last received packets made available.
     pub fn on_input(&mut self, ctx: &WorkerCtx) {
+        self.on_path_events(ctx);
         if self.h3.is_none() && (self.quic.is_established() || self.quic.is_in_early_data()) {
             match h3::Connection::with_transport(&mut self.quic, &ctx.h3_config) {
                 Ok(h3) => {
@@ -204,6 +205,26 @@ impl Connection {
                 st.is_blocked = false;
             }
             self.drive(ctx, sid);
+        }
+    }
+
+    /// Follows quiche's path events: the client's address is the one of the active, validated
+    /// path (a packet from a new address alone moves nothing: it may be spoofed). Events
+    /// raised by a timer are seen with the next packet.
+    fn on_path_events(&mut self, ctx: &WorkerCtx) {
+        while let Some(event) = self.quic.path_event_next() {
+            match event {
+                quiche::PathEvent::PeerMigrated(_, peer) => {
+                    tracing::debug!(from = %self.peer, to = %peer, "connection migrated");
+                    ctx.metrics.migrations.increment(1);
+                    self.peer = peer;
+                }
+                quiche::PathEvent::FailedValidation(_, peer) => {
+                    tracing::debug!(%peer, "path validation failed");
+                    ctx.metrics.path_validation_failures.increment(1);
+                }
+                other => tracing::trace!(event = ?other, "path event"),
+            }
         }
     }
 

@@ -25,10 +25,9 @@ pub fn quic_config(config: &Config, tls: &TlsMaterial) -> anyhow::Result<quiche:
     c.set_max_connection_window(q.max_data.0);
     c.set_max_stream_window(q.max_stream_data.0.max(8 << 20));
     c.set_disable_active_migration(!q.active_migration);
-    // quiche keeps one path per client address seen and frees a path only once its CID is
-    // retired; after NAT rebinding the old path keeps the CID it shared with the new one. The
-    // path table is as large as this limit, so it bounds the rebindings a connection can
-    // follow (7 here); it also lets clients hand us more spare CIDs.
+    // Spare CIDs a client may hand us, and the size of quiche's path table: with
+    // vendor/quiche patch 1 the paths a connection left (and failed ones) are released and
+    // their CIDs retired, so this no longer bounds how often a connection can migrate.
     c.set_active_connection_id_limit(8);
     if q.early_data {
         c.enable_early_data();

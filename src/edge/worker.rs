@@ -359,13 +359,9 @@ impl Worker {
         }
         let conn = self.conns.get_mut(&handle).expect("still there");
         match received {
-            Ok(_) => {
-                if conn.peer != from && conn.quic.is_established() {
-                    // quiche validates the new path and moves the connection (RFC 9000 §9).
-                    self.ctx.metrics.migrations.increment(1);
-                }
-                conn.peer = from;
-            }
+            // A packet from a new address is a migration only once quiche validated that
+            // address (RFC 9000 §9): `Connection::on_input` follows quiche's path events.
+            Ok(_) => {}
             Err(e) => {
                 tracing::trace!(error = %e, "packet rejected by quiche");
                 self.ctx.metrics.dropped(DropReason::Rejected);
@@ -822,20 +818,27 @@ impl Run {
 /// client retired and, once the handshake is done, issues spare ones (with their reset tokens)
 /// so the client can migrate to a new path with a fresh CID (RFC 9000 §9.5).
 fn sync_cids(conn: &mut Connection, by_cid: &mut HashMap<Vec<u8>, u64>, cids: &CidGenerator, keys: &EdgeKeys) {
+    let before = by_cid.len();
+    let mut changed = false;
     while let Some(retired) = conn.quic.retired_scid_next() {
         by_cid.remove(retired.as_ref());
         conn.cids.retain(|c| c.as_slice() != retired.as_ref());
+        changed = true;
     }
-    if !conn.quic.is_established() {
-        return;
-    }
-    while conn.quic.scids_left() > 0 {
-        let cid = cids.generate();
-        if conn.quic.new_scid(&quiche::ConnectionId::from_ref(&cid), keys.reset_token(&cid), false).is_err() {
-            break;
+    if conn.quic.is_established() {
+        while conn.quic.scids_left() > 0 {
+            let cid = cids.generate();
+            if conn.quic.new_scid(&quiche::ConnectionId::from_ref(&cid), keys.reset_token(&cid), false).is_err() {
+                break;
+            }
+            by_cid.insert(cid.to_vec(), conn.handle);
+            conn.cids.push(cid.to_vec());
+            changed = true;
         }
-        by_cid.insert(cid.to_vec(), conn.handle);
-        conn.cids.push(cid.to_vec());
+    }
+    if changed || by_cid.len() != before {
+        // Rare (handshakes, migrations): the gauge shows that retired CIDs leave the table.
+        metrics::gauge!("spooky_connection_ids", "worker" => cids.worker().to_string()).set(by_cid.len() as f64);
     }
 }
 

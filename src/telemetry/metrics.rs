@@ -16,6 +16,8 @@
 //! | `spooky_connections_refused_total` | counter | worker, reason (`connection_limit`, `rate_limit`) |
 //! | `spooky_handshake_failures_total` | counter | cause — connections that ended before the handshake completed: the peer's TLS alert (`bad_certificate`, `unknown_ca`, …) or transport error, Spooky's own (`local_…`, e.g. `local_no_application_protocol`), `idle_timeout`, `other`; the list is in `edge::handshake` |
 //! | `spooky_connection_migrations_total`, `spooky_early_data_requests_total` | counter | worker |
+//! | `spooky_path_validation_failures_total` | counter | worker — client addresses that never answered path validation |
+//! | `spooky_connection_ids` | gauge | worker — CIDs in the worker's table, as of the last CID a connection retired or was issued |
 //! | `spooky_slow_request_bodies_total` | counter | worker — bodies cut below `timeouts.body_min_rate` |
 //! | `spooky_request_body_buffered_bytes` | gauge | worker — request-body bytes held, against `quic.body_buffer_per_worker` |
 //! | `spooky_request_body_stalls_total` | counter | worker — times a stream stopped reading its body on a full budget |
@@ -106,8 +108,12 @@ pub struct WorkerMetrics {
     pub stateless_resets: Counter,
     pub retries_sent: Counter,
     pub version_negotiations: Counter,
-    /// Connections that moved to a new client address or port (migration, NAT rebinding).
+    /// Connections that moved to a new client address or port (migration, NAT rebinding):
+    /// quiche validated the new path and made it the active one.
     pub migrations: Counter,
+    /// New client addresses that did not answer path validation (a spoofed or vanished
+    /// address; the connection stays on, or goes back to, its validated path).
+    pub path_validation_failures: Counter,
     /// Requests that arrived in 0-RTT early data.
     pub early_data_requests: Counter,
     /// Request streams reset because their body arrived below `timeouts.body_min_rate`.
@@ -140,6 +146,7 @@ impl WorkerMetrics {
             retries_sent: metrics::counter!("spooky_retries_sent_total", &l()),
             version_negotiations: metrics::counter!("spooky_version_negotiations_total", &l()),
             migrations: metrics::counter!("spooky_connection_migrations_total", &l()),
+            path_validation_failures: metrics::counter!("spooky_path_validation_failures_total", &l()),
             early_data_requests: metrics::counter!("spooky_early_data_requests_total", &l()),
             slow_request_bodies: metrics::counter!("spooky_slow_request_bodies_total", &l()),
             refused: REFUSALS

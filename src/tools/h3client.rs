@@ -315,6 +315,41 @@ impl Client {
         Ok(())
     }
 
+    /// Migrates on purpose (RFC 9000 §9.2, §9.5): moves to a new UDP socket (a new source port)
+    /// and tells QUIC, which switches to a spare connection ID of the server's, so the new
+    /// path is not linkable to the old one. Waits (up to the client's timeout) for the server
+    /// to hand over a spare CID if it has not yet.
+    pub fn migrate(&mut self) -> Result<(), Error> {
+        let deadline = Instant::now() + self.opts.timeout;
+        let peer = self.sock.peer_addr()?;
+        let sock = UdpSocket::bind(SocketAddr::new(self.sock.local_addr()?.ip(), 0))?;
+        sock.connect(peer)?;
+        sock.set_nonblocking(true)?;
+        let local = sock.local_addr()?;
+        // quiche needs a spare CID of each side for the new path: until then, keep the
+        // connection going on the old one.
+        loop {
+            match self.conn.migrate(local, peer) {
+                Ok(_) => break,
+                Err(quiche::Error::OutOfIdentifiers) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.flush_conn()?;
+            if self.conn.is_closed() {
+                return Err(Error::Closed(close_reason(&self.conn)));
+            }
+            self.receive_conn(deadline)?;
+        }
+        self.sock = sock;
+        self.local = local;
+        self.flush_conn()
+    }
+
+    /// The destination connection ID the client sends with now (the server's).
+    pub fn server_cid(&self) -> Vec<u8> {
+        self.conn.destination_id().to_vec()
+    }
+
     /// The local port datagrams leave from now.
     pub fn local_port(&self) -> u16 {
         self.sock.local_addr().map_or(0, |a| a.port())
@@ -473,7 +508,27 @@ impl Client {
     }
 
     fn flush_conn(&mut self) -> Result<(), Error> {
-        flush(&mut self.conn, &self.sock, &mut self.out)
+        self.sync_cids()?;
+        flush(&mut self.conn, &self.sock, self.local, &mut self.out)
+    }
+
+    /// Keeps the server supplied with spare CIDs of the client's (a migrating server path
+    /// needs one), replacing those it retired.
+    fn sync_cids(&mut self) -> Result<(), Error> {
+        while self.conn.retired_scid_next().is_some() {}
+        if !self.conn.is_established() {
+            return Ok(());
+        }
+        let rng = ring::rand::SystemRandom::new();
+        while self.conn.scids_left() > 0 {
+            // As long as the first one: short headers carry no CID length.
+            let mut cid = [0u8; quiche::MAX_CONN_ID_LEN];
+            let mut token = [0u8; 16];
+            ring::rand::SecureRandom::fill(&rng, &mut cid).expect("OS randomness");
+            ring::rand::SecureRandom::fill(&rng, &mut token).expect("OS randomness");
+            self.conn.new_scid(&quiche::ConnectionId::from_ref(&cid), u128::from_be_bytes(token), false)?;
+        }
+        Ok(())
     }
 
     fn receive_conn(&mut self, deadline: Instant) -> Result<(), Error> {
@@ -514,6 +569,9 @@ impl ClientHandshake {
         config.set_initial_max_streams_bidi(100);
         config.set_initial_max_streams_uni(8);
         config.set_disable_active_migration(true);
+        // Spare CIDs both ways, so that `migrate` finds one of the server's and the server one
+        // of ours for the new path.
+        config.set_active_connection_id_limit(4);
         if early_data {
             config.enable_early_data();
         }
@@ -549,7 +607,7 @@ impl ClientHandshake {
     }
 
     fn flush(&mut self) -> Result<(), Error> {
-        flush(&mut self.conn, &self.sock, &mut self.out)
+        flush(&mut self.conn, &self.sock, self.local, &mut self.out)
     }
 
     fn receive(&mut self, deadline: Instant, limit: Duration) -> Result<(), Error> {
@@ -557,9 +615,12 @@ impl ClientHandshake {
     }
 }
 
-fn flush(conn: &mut quiche::Connection, sock: &UdpSocket, out: &mut [u8]) -> Result<(), Error> {
+/// Sends what QUIC has; packets for a path from an address the client left (after
+/// [`Client::migrate`]) go nowhere, as that socket is gone.
+fn flush(conn: &mut quiche::Connection, sock: &UdpSocket, local: SocketAddr, out: &mut [u8]) -> Result<(), Error> {
     loop {
         match conn.send(out) {
+            Ok((_, info)) if info.from != local => continue,
             Ok((n, _)) => loop {
                 match sock.send(&out[..n]) {
                     Ok(_) => break,

@@ -62,6 +62,47 @@ fn with_bpf_every_packet_reaches_its_owning_worker_even_after_rebinding() {
     assert_eq!(metric_sum(&m, "spooky_packets_dropped_total", &[("reason", "unknown_cid")]), 0.0);
 }
 
+/// Issue 12: one connection follows 100 NAT rebindings (same CID, new port) and then 100
+/// deliberate migrations (new port, new CID), with a request answered after every move. quiche
+/// kept a path per address in a table of 8 and stopped at the 8th move (vendor/quiche patch 1);
+/// the CIDs the client retired must leave Spooky's table, and replacements must keep coming.
+#[test]
+fn one_connection_survives_100_rebindings_and_100_migrations() {
+    let backend = Backend::start("edge-migrate");
+    let spooky = Spooky::start(&config(&backend, ""));
+    let mut c = Client::connect(spooky.addr, Options::default()).unwrap();
+    get_ok(&mut c, "/bytes/1000");
+    let cids_before = metric_sum(&spooky.metrics(), "spooky_connection_ids", &[]);
+    assert!(cids_before > 0.0, "no spooky_connection_ids gauge");
+    let answered = |c: &mut Client, what: &str| {
+        let r = c.request(Request::get("/bytes/1000"));
+        let r = r.unwrap_or_else(|e| panic!("{what}: {e}; log:\n{}", spooky.proc.log_text()));
+        assert_eq!((r.status, r.body_len), (200, 1000), "{what}");
+    };
+    let cid = c.server_cid();
+    for i in 1..=100 {
+        let port = c.local_port();
+        c.rebind().unwrap();
+        assert_ne!(port, c.local_port());
+        answered(&mut c, &format!("rebinding {i}"));
+        assert_eq!(c.server_cid(), cid, "a rebinding keeps the CID");
+    }
+    let mut seen = std::collections::HashSet::from([cid]);
+    for i in 1..=100 {
+        let port = c.local_port();
+        c.migrate().unwrap_or_else(|e| panic!("migration {i}: {e}"));
+        assert_ne!(port, c.local_port());
+        assert!(seen.insert(c.server_cid()), "migration {i} reused a CID");
+        answered(&mut c, &format!("migration {i}"));
+    }
+    let m = spooky.metrics();
+    let migrations = metric_sum(&m, "spooky_connection_migrations_total", &[]);
+    assert!((200.0..=210.0).contains(&migrations), "{migrations} migrations counted for 200 moves");
+    let cids_after = metric_sum(&m, "spooky_connection_ids", &[]);
+    assert!(cids_after <= cids_before, "CID table grew from {cids_before} to {cids_after}");
+    c.close();
+}
+
 #[test]
 fn without_bpf_strays_are_handed_to_their_owner_and_nothing_is_lost() {
     let backend = Backend::start("edge-nobpf");

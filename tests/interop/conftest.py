@@ -191,6 +191,7 @@ class Stack:
 
     tmp: Path
     spooky_port: int
+    admin_port: int
     backend_port: int
     backend_name: str
     nginx_port: int
@@ -335,7 +336,7 @@ def stack(tmp_path_factory) -> Stack:
         dead_port = free_port()
         cfg = tmp / "spooky.yaml"
         cfg.write_text(spooky_config(backend_port, nginx_port, dead_port))
-        spooky, spooky_port, _ = start_spooky(cfg, tmp / "spooky.stderr.log")
+        spooky, spooky_port, admin_port = start_spooky(cfg, tmp / "spooky.stderr.log")
         procs.append(spooky)
     except BaseException:
         for p in reversed(procs):
@@ -345,6 +346,7 @@ def stack(tmp_path_factory) -> Stack:
     _STACK = Stack(
         tmp=tmp,
         spooky_port=spooky_port,
+        admin_port=admin_port,
         backend_port=backend_port,
         backend_name=BACKEND_NAME,
         nginx_port=nginx_port,
