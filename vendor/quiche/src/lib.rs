@@ -9048,7 +9048,11 @@ impl<F: BufFactory> Connection<F> {
         }
 
         for pid in self.paths.releasable_paths() {
-            self.release_path(pid)?;
+            // A path that cannot be released stays: that is no reason to drop
+            // the packet or the connection.
+            if let Err(e) = self.release_path(pid) {
+                trace!("{} path {} not released: {:?}", self.trace_id, pid, e);
+            }
         }
 
         Ok(())
@@ -9229,7 +9233,8 @@ impl<F: BufFactory> Connection<F> {
         // release a path that is not needed for the connection to go on.
         if self.paths.is_full() && self.paths.get_active_path_id().is_ok() {
             if let Some(victim) = self.paths.eviction_candidate() {
-                self.release_path(victim)?;
+                // Should it fail, `insert_path()` refuses the new path.
+                let _ = self.release_path(victim);
             }
         }
 
