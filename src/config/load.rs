@@ -459,6 +459,8 @@ fn validate_quic(q: &mut Quic, base: &Path) -> Result<(), Invalid> {
     }
     // Tokens carry their issue time in whole seconds.
     ranges::duration("quic.retry_token_lifetime", q.retry_token_lifetime.0, SECOND, 10 * MINUTE)?;
+    // At most a week, TLS 1.3's longest session ticket lifetime (RFC 8446 §4.6.1).
+    ranges::duration("quic.new_token_lifetime", q.new_token_lifetime.0, SECOND, 7 * DAY)?;
     ranges::count("quic.max_connections_per_worker", q.max_connections_per_worker as u64, 1, 10_000_000)?;
     ranges::count_or_off("quic.max_new_connections_per_sec", q.max_new_connections_per_sec.into(), 1, 10_000_000)?;
     // At least one read from QUIC (64 KiB), so a stream alone can always make progress.

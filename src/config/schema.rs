@@ -204,6 +204,9 @@ pub struct Quic {
     pub retry_above_rate: u32,
     /// How long a Retry token stays valid.
     pub retry_token_lifetime: Seconds,
+    /// How long the token Spooky sends a client in a NEW_TOKEN frame, once its handshake
+    /// completed, lets the client's next connection from the same IP skip the Retry.
+    pub new_token_lifetime: Seconds,
     /// A file of at least 32 random bytes keying stateless resets and Retry tokens. Default:
     /// derived from the TLS private key, so a restarted process (or a fleet sharing the key)
     /// still resets old connections; with `self_signed`, random per start. Read at start.
@@ -252,6 +255,11 @@ impl Default for Quic {
             retry: RetryMode::Auto,
             retry_above_rate: 2_000,
             retry_token_lifetime: Seconds(Duration::from_secs(10)),
+            // A day: a returning visitor (the next page view, the next morning) skips the
+            // Retry; a token copied off the wire can only be replayed from the IP it was issued
+            // to, and quiche keeps the 3x anti-amplification limit for connections admitted on
+            // a NEW_TOKEN (no original DCID), so a replay amplifies no more than `retry: never`.
+            new_token_lifetime: Seconds(Duration::from_secs(86_400)),
             secret_key_file: None,
             active_migration: true,
             early_data: false,

@@ -54,7 +54,8 @@ impl Admission {
     }
 
     /// Decides for an Initial that would open a connection; `validated` when it carried a
-    /// valid Retry token, `active` the worker's connection count.
+    /// valid Retry token or NEW_TOKEN token (its address is proven: no Retry, whatever the
+    /// mode), `active` the worker's connection count.
     pub fn decide(&mut self, validated: bool, active: usize, now: Instant) -> Verdict {
         if active >= self.max_connections {
             return Verdict::Refuse(Refusal::ConnectionLimit);

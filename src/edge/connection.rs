@@ -43,6 +43,8 @@ pub struct Connection {
     pub socket: usize,
     /// Keys of this connection in the worker's CID table.
     pub cids: Vec<Vec<u8>>,
+    /// Set once the NEW_TOKEN for the client's next connection was queued.
+    pub new_token_sent: bool,
     /// The quiche timer deadline last scheduled in the worker's timer heap.
     pub deadline: Option<Instant>,
     /// Set while queued for the worker's next flush.
@@ -171,6 +173,7 @@ impl Connection {
             max_stream_seen: None,
             goaway_id: None,
             finished: Vec::new(),
+            new_token_sent: false,
         }
     }
 

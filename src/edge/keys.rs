@@ -17,6 +17,8 @@ pub struct EdgeKeys {
     /// Retry tokens are sealed under keys derived from this, one per token (see
     /// [`EdgeKeys::token_key`]).
     token: hkdf::Prk,
+    /// NEW_TOKEN tokens likewise (see [`EdgeKeys::new_token_key`]).
+    new_token: hkdf::Prk,
 }
 
 impl EdgeKeys {
@@ -54,7 +56,9 @@ impl EdgeKeys {
         let reset = prk.expand(&[b"stateless reset"], hmac::HMAC_SHA256).expect("32 bytes is a valid HKDF length");
         let token: hkdf::Prk =
             prk.expand(&[b"retry token"], hkdf::HKDF_SHA256).expect("32 bytes is a valid HKDF length").into();
-        EdgeKeys { reset: hmac::Key::from(reset), token }
+        let new_token: hkdf::Prk =
+            prk.expand(&[b"new token"], hkdf::HKDF_SHA256).expect("32 bytes is a valid HKDF length").into();
+        EdgeKeys { reset: hmac::Key::from(reset), token, new_token }
     }
 
     /// The AES-256-GCM key of the Retry token with this `salt` (random, carried in the
@@ -64,6 +68,15 @@ impl EdgeKeys {
     pub(super) fn token_key(&self, salt: &[u8]) -> aead::LessSafeKey {
         let info = [salt];
         let okm = self.token.expand(&info, &aead::AES_256_GCM).expect("32 bytes is a valid HKDF length");
+        aead::LessSafeKey::new(aead::UnboundKey::from(okm))
+    }
+
+    /// The AES-256-GCM key of the NEW_TOKEN token with this `salt`: as [`Self::token_key`],
+    /// under a subkey of its own (HKDF label `new token`), so a Retry token can never open
+    /// as a NEW_TOKEN one or the other way round.
+    pub(super) fn new_token_key(&self, salt: &[u8]) -> aead::LessSafeKey {
+        let info = [salt];
+        let okm = self.new_token.expand(&info, &aead::AES_256_GCM).expect("32 bytes is a valid HKDF length");
         aead::LessSafeKey::new(aead::UnboundKey::from(okm))
     }
 

@@ -160,6 +160,7 @@ pub struct Worker {
     keys: Arc<EdgeKeys>,
     admission: Admission,
     retry_token_lifetime: Duration,
+    new_token_lifetime: Duration,
     sockets: Vec<EdgeSocket>,
     quic_config: quiche::Config,
     ctx: WorkerCtx,
@@ -215,6 +216,7 @@ impl Worker {
             keys,
             admission: Admission::new(q, Instant::now()),
             retry_token_lifetime: q.retry_token_lifetime.0,
+            new_token_lifetime: q.new_token_lifetime.0,
             sockets,
             quic_config: settings::quic_config(&snap.config, &snap.tls)?,
             added: Rc::new(response::Added::new(&snap.config.headers)),
@@ -420,9 +422,21 @@ impl Worker {
         self.accept(si, hdr, from)
     }
 
-    /// A client's Initial: validates its Retry token if it has one, asks the admission policy,
-    /// then accepts, retries or refuses.
+    /// A client's Initial: validates its Retry or NEW_TOKEN token if it has one, asks the
+    /// admission policy, then accepts, retries or refuses.
     fn accept(&mut self, si: usize, hdr: &quiche::Header<'_>, from: SocketAddr) -> Option<u64> {
+        // A valid NEW_TOKEN validates the address like a Retry token; an invalid or expired one
+        // counts as no token at all (RFC 9000 §8.1.3: the client may have it from another
+        // server, or kept it too long), so the Initial gets a Retry if one is due.
+        let new_token = hdr.token.as_deref().filter(|t| retry::is_new_token(t)).is_some_and(|t| {
+            match retry::open_new_token(&self.keys, t, from.ip(), self.new_token_lifetime, SystemTime::now()) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = ?e, %from, "NEW_TOKEN token refused, treated as none");
+                    false
+                }
+            }
+        });
         let token = hdr.token.as_deref().filter(|t| retry::is_retry_token(t));
         let odcid = match token {
             Some(t) => {
@@ -437,7 +451,8 @@ impl Worker {
             }
             None => None,
         };
-        match self.admission.decide(odcid.is_some(), self.conns.len(), Instant::now()) {
+        match self.admission.decide(odcid.is_some() || new_token, self.conns.len(), Instant::now()) {
+            Verdict::Accept if new_token => self.ctx.metrics.new_tokens_accepted.increment(1),
             Verdict::Accept => {}
             Verdict::Retry => {
                 self.send_retry(si, hdr, from);
@@ -551,6 +566,7 @@ impl Worker {
                 self.quic_config = quic;
                 self.admission.reconfigure(&snap.config.quic, Instant::now());
                 self.retry_token_lifetime = snap.config.quic.retry_token_lifetime.0;
+                self.new_token_lifetime = snap.config.quic.new_token_lifetime.0;
                 self.added = Rc::new(response::Added::new(&snap.config.headers));
                 self.max_datagram = snap.config.quic.max_udp_payload;
                 self.version = snap.version;
@@ -621,6 +637,9 @@ impl Worker {
             let Some(conn) = self.conns.get_mut(&handle) else { continue };
             conn.dirty = false;
             sync_cids(conn, &mut self.by_cid, &self.cids, &self.keys);
+            if !conn.new_token_sent && conn.quic.is_established() {
+                send_new_token(conn, &self.keys, &self.ctx.metrics);
+            }
             let socket = &self.sockets[conn.socket];
             let sent = send_paced(conn, socket, &mut self.send_buf, self.max_datagram, self.pace_mode).await;
             self.ctx.metrics.packets_sent.increment(sent);
@@ -839,6 +858,17 @@ fn sync_cids(conn: &mut Connection, by_cid: &mut HashMap<Vec<u8>, u64>, cids: &C
     if changed || by_cid.len() != before {
         // Rare (handshakes, migrations): the gauge shows that retired CIDs leave the table.
         metrics::gauge!("spooky_connection_ids", "worker" => cids.worker().to_string()).set(by_cid.len() as f64);
+    }
+}
+
+/// Queues one NEW_TOKEN frame (RFC 9000 §8.1.3) once a connection's handshake completed: its
+/// token, bound to the client's IP, lets the client's next connection skip the Retry.
+fn send_new_token(conn: &mut Connection, keys: &EdgeKeys, metrics: &WorkerMetrics) {
+    conn.new_token_sent = true;
+    let token = retry::seal_new_token(keys, conn.peer.ip(), SystemTime::now());
+    match conn.quic.send_new_token(&token) {
+        Ok(()) => metrics.new_tokens_sent.increment(1),
+        Err(e) => tracing::debug!(error = %e, "queuing a NEW_TOKEN failed"),
     }
 }
 

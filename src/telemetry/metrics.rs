@@ -13,6 +13,7 @@
 //! | `spooky_packets_dropped_total` | counter | worker, reason (`stray_queue_full`: the owner's stray mailbox holds 4,096 packets or 4 MiB) |
 //! | `spooky_packets_forwarded_total` | counter | worker — strays handed to the owning worker |
 //! | `spooky_stateless_resets_sent_total`, `spooky_retries_sent_total`, `spooky_version_negotiations_total` | counter | worker |
+//! | `spooky_new_tokens_sent_total`, `spooky_new_tokens_accepted_total` | counter | worker — NEW_TOKENs issued after a handshake; Initials admitted on a valid one without a Retry |
 //! | `spooky_connections_refused_total` | counter | worker, reason (`connection_limit`, `rate_limit`) |
 //! | `spooky_handshake_failures_total` | counter | cause — connections that ended before the handshake completed: the peer's TLS alert (`bad_certificate`, `unknown_ca`, …) or transport error, Spooky's own (`local_…`, e.g. `local_no_application_protocol`), `idle_timeout`, `other`; the list is in `edge::handshake` |
 //! | `spooky_connection_migrations_total`, `spooky_early_data_requests_total` | counter | worker |
@@ -107,6 +108,10 @@ pub struct WorkerMetrics {
     pub packets_forwarded: Counter,
     pub stateless_resets: Counter,
     pub retries_sent: Counter,
+    /// NEW_TOKEN frames queued, one per connection once its handshake completed.
+    pub new_tokens_sent: Counter,
+    /// Initials admitted as address-validated on a valid NEW_TOKEN (no Retry).
+    pub new_tokens_accepted: Counter,
     pub version_negotiations: Counter,
     /// Connections that moved to a new client address or port (migration, NAT rebinding):
     /// quiche validated the new path and made it the active one.
@@ -144,6 +149,8 @@ impl WorkerMetrics {
             packets_forwarded: metrics::counter!("spooky_packets_forwarded_total", &l()),
             stateless_resets: metrics::counter!("spooky_stateless_resets_sent_total", &l()),
             retries_sent: metrics::counter!("spooky_retries_sent_total", &l()),
+            new_tokens_sent: metrics::counter!("spooky_new_tokens_sent_total", &l()),
+            new_tokens_accepted: metrics::counter!("spooky_new_tokens_accepted_total", &l()),
             version_negotiations: metrics::counter!("spooky_version_negotiations_total", &l()),
             migrations: metrics::counter!("spooky_connection_migrations_total", &l()),
             path_validation_failures: metrics::counter!("spooky_path_validation_failures_total", &l()),

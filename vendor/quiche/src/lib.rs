@@ -1519,6 +1519,14 @@ where
     /// Whether the connection handshake has been confirmed.
     handshake_confirmed: bool,
 
+    /// Tokens queued by the server application to be sent in NEW_TOKEN
+    /// frames, including those whose packet was lost (Spooky patch 3).
+    pending_new_tokens: VecDeque<Vec<u8>>,
+
+    /// The latest token received by a client in a NEW_TOKEN frame (Spooky
+    /// patch 3).
+    received_new_token: Option<Vec<u8>>,
+
     /// Key phase bit used for outgoing protected packets.
     key_phase: bool,
 
@@ -2177,6 +2185,10 @@ impl<F: BufFactory> Connection<F> {
             handshake_done_acked: false,
 
             handshake_confirmed: false,
+
+            pending_new_tokens: VecDeque::new(),
+
+            received_new_token: None,
 
             key_phase: false,
 
@@ -4365,14 +4377,11 @@ impl<F: BufFactory> Connection<F> {
                         );
                     },
 
-                    // NewToken frames are never sent by quiche; they are not
-                    // implemented.
-                    frame::Frame::NewToken { .. } => {
-                        debug_panic!(
-                            "Unexpected frame lost: NewToken. quiche used to \
-                             not implement NewToken frames, retransmission of \
-                             these frames is not implemented."
-                        );
+                    // A server sends NEW_TOKEN frames queued by
+                    // `send_new_token()`; a lost one is sent again (RFC 9000
+                    // Section 13.3) (Spooky patch 3).
+                    frame::Frame::NewToken { token } => {
+                        self.pending_new_tokens.push_back(token);
                     },
 
                     // Data blocked frames are an optional advisory
@@ -4760,6 +4769,23 @@ impl<F: BufFactory> Connection<F> {
 
                     ack_eliciting = true;
                     in_flight = true;
+                }
+            }
+
+            // Create NEW_TOKEN frames (Spooky patch 3).
+            while let Some(token) = self.pending_new_tokens.front() {
+                let frame = frame::Frame::NewToken {
+                    token: token.clone(),
+                };
+
+                if push_frame_to_pkt!(b, frames, frame, left) {
+                    self.pending_new_tokens.pop_front();
+
+                    ack_eliciting = true;
+                    in_flight = true;
+                } else {
+                    // Does not fit in this packet: wait for the next one.
+                    break;
                 }
             }
 
@@ -6788,6 +6814,41 @@ impl<F: BufFactory> Connection<F> {
         Ok(())
     }
 
+    /// Queues a NEW_TOKEN frame carrying `token` (RFC 9000 Section 19.7).
+    ///
+    /// Only a server can send NEW_TOKEN frames, and only once the handshake
+    /// is confirmed: [`InvalidState`] is returned otherwise, and
+    /// [`InvalidFrame`] for an empty token. The frame is sent in an
+    /// application packet (ack-eliciting), and sent again if the packet
+    /// carrying it is lost (RFC 9000 Section 13.3).
+    ///
+    /// [`InvalidState`]: enum.Error.html#variant.InvalidState
+    /// [`InvalidFrame`]: enum.Error.html#variant.InvalidFrame
+    pub fn send_new_token(&mut self, token: &[u8]) -> Result<()> {
+        if !self.is_server || !self.handshake_confirmed {
+            return Err(Error::InvalidState);
+        }
+
+        if token.is_empty() {
+            return Err(Error::InvalidFrame);
+        }
+
+        if self.is_closed() || self.is_draining() {
+            return Err(Error::Done);
+        }
+
+        self.pending_new_tokens.push_back(token.to_vec());
+
+        Ok(())
+    }
+
+    /// Returns the latest token the server sent this client in a NEW_TOKEN
+    /// frame, to use in the Initial packets of a future connection to the
+    /// same server (RFC 9000 Section 8.1.3).
+    pub fn new_token(&self) -> Option<&[u8]> {
+        self.received_new_token.as_deref()
+    }
+
     /// Schedule an ack-eliciting packet on the specified path.
     ///
     /// See [`send_ack_eliciting()`] for more detail. [`InvalidState`] is
@@ -8299,6 +8360,7 @@ impl<F: BufFactory> Connection<F> {
         let send_path = self.paths.get(send_pid)?;
         if (self.is_established() || self.is_in_early_data()) &&
             (self.should_send_handshake_done() ||
+                !self.pending_new_tokens.is_empty() ||
                 self.flow_control.should_update_max_data() ||
                 self.should_send_max_data ||
                 self.blocked_limit.is_some() ||
@@ -8609,11 +8671,15 @@ impl<F: BufFactory> Connection<F> {
 
             frame::Frame::CryptoHeader { .. } => unreachable!(),
 
-            // TODO: implement stateless retry
-            frame::Frame::NewToken { .. } =>
+            frame::Frame::NewToken { token } => {
                 if self.is_server {
                     return Err(Error::InvalidPacket);
-                },
+                }
+
+                // Keep the latest token for the application to use in a
+                // future connection (Spooky patch 3).
+                self.received_new_token = Some(token);
+            },
 
             frame::Frame::Stream { stream_id, data } => {
                 // Peer can't send on our unidirectional streams.

@@ -13597,3 +13597,51 @@ fn unanswered_path_challenge_is_sent_again(
     advance_through_nat(&mut pipe, nat);
     assert_eq!(pipe.server.is_path_validated(server_addr, nat), Ok(true));
 }
+
+#[rstest]
+/// Spooky patch 3: a server sends a NEW_TOKEN frame once the handshake is
+/// confirmed, the client keeps the token, and a lost NEW_TOKEN is sent again.
+fn server_sends_new_token_again_when_lost(
+    #[values("cubic", "bbr2_gcongestion")] cc_algorithm_name: &str,
+) {
+    let mut buf = [0; 65535];
+
+    let mut pipe = test_utils::Pipe::new(cc_algorithm_name).unwrap();
+
+    // Not before the handshake is confirmed, never by a client, never empty.
+    assert_eq!(
+        pipe.server.send_new_token(b"token"),
+        Err(Error::InvalidState)
+    );
+    assert_eq!(pipe.handshake(), Ok(()));
+    assert_eq!(
+        pipe.client.send_new_token(b"token"),
+        Err(Error::InvalidState)
+    );
+    assert_eq!(pipe.server.send_new_token(b""), Err(Error::InvalidFrame));
+    assert_eq!(pipe.client.new_token(), None);
+
+    assert_eq!(pipe.server.send_new_token(b"a new token"), Ok(()));
+
+    // The packet carrying the NEW_TOKEN frame is lost.
+    let (len, _) = pipe.server.send(&mut buf).unwrap();
+    let frames =
+        test_utils::decode_pkt(&mut pipe.client, &mut buf[..len]).unwrap();
+    assert!(frames.contains(&frame::Frame::NewToken {
+        token: b"a new token".to_vec(),
+    }));
+    assert_eq!(pipe.server.send(&mut buf), Err(Error::Done));
+
+    // Later packets are received and acknowledged, so the lost one is
+    // detected by the packet threshold.
+    for _ in 0..4 {
+        assert_eq!(pipe.server.stream_send(1, b"a", false), Ok(1));
+        let (len, _) = pipe.server.send(&mut buf).unwrap();
+        assert_eq!(pipe.client_recv(&mut buf[..len]), Ok(len));
+    }
+    assert_eq!(pipe.client.new_token(), None);
+
+    // The client's ACKs make the server send the token again.
+    assert_eq!(pipe.advance(), Ok(()));
+    assert_eq!(pipe.client.new_token(), Some(&b"a new token"[..]));
+}
