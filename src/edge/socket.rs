@@ -53,30 +53,17 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     socket.set_recv_buffer_size(SOCKET_BUFFER).ok();
     socket.set_send_buffer_size(SOCKET_BUFFER).ok();
     // (Linux reports twice the size granted: the other half is its bookkeeping.)
+    // Refused (EPERM) without the capability: `buffer_shortfall` reports what that leaves.
+    let wanted = SOCKET_BUFFER as libc::c_int;
     if socket.recv_buffer_size().is_ok_and(|n| n / 2 < SOCKET_BUFFER) {
-        set_int(&socket, SO_RCVBUFFORCE, SOCKET_BUFFER);
+        let _ = set_option(&socket, libc::SOL_SOCKET, SO_RCVBUFFORCE, &wanted);
     }
     if socket.send_buffer_size().is_ok_and(|n| n / 2 < SOCKET_BUFFER) {
-        set_int(&socket, SO_SNDBUFFORCE, SOCKET_BUFFER);
+        let _ = set_option(&socket, libc::SOL_SOCKET, SO_SNDBUFFORCE, &wanted);
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
-}
-
-/// Sets a SOL_SOCKET integer option, ignoring refusal (EPERM without the capability).
-fn set_int(socket: &Socket, option: libc::c_int, value: usize) {
-    let value = value as libc::c_int;
-    // SAFETY: setsockopt reads one c_int from a live stack value.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
 }
 
 /// What is wrong with a bound socket's buffers, if they are smaller than Spooky asked for:
@@ -232,6 +219,17 @@ pub fn enable_gro(socket: &UdpSocket) -> bool {
 
 /// Sets a socket option; false (with a warning naming `what`) if the kernel refuses it.
 fn enable<T>(socket: &UdpSocket, level: libc::c_int, name: libc::c_int, value: &T, what: &str) -> bool {
+    match set_option(socket, level, name, value) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "{what} refused by the kernel; going without");
+            false
+        }
+    }
+}
+
+/// Sets a socket option; the kernel's refusal as the error.
+fn set_option<T>(socket: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: &T) -> std::io::Result<()> {
     // SAFETY: `value` is a valid `T` for the duration of the call and its size is passed.
     let rc = unsafe {
         libc::setsockopt(
@@ -243,9 +241,9 @@ fn enable<T>(socket: &UdpSocket, level: libc::c_int, name: libc::c_int, value: &
         )
     };
     if rc < 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "{what} refused by the kernel; going without");
+        return Err(std::io::Error::last_os_error());
     }
-    rc == 0
+    Ok(())
 }
 
 /// `at` on CLOCK_MONOTONIC in nanoseconds (what SO_TXTIME takes), if it is far enough ahead
